@@ -1,0 +1,10 @@
+"""Exa: run LLMs larger than your GPU's memory.
+
+    import exa
+    llm = exa.Inference("path/or/hub-id", offload="auto")
+    print(llm.generate("Once upon a time", max_new_tokens=64))
+"""
+from exa.inference import Inference
+
+__all__ = ["Inference"]
+__version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""The public entry point: ``exa.Inference``."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from runtime.assets import default_model
+from runtime.checkpoint import open_checkpoint
+from runtime.engine import Engine
+from runtime.generate import Sampling, generate_steps
+
+Prompt = str | list[dict]
+
+
+class Inference:
+    """Load a model across GPU, pinned RAM and disk, and generate text with it.
+
+    Args:
+        model: a local Hugging Face directory (config.json + safetensors), a ``.gguf`` file, a
+            hub id ("org/name", downloaded when online), or None for the embedded default model
+            (SmolLM2-135M-Instruct).
+        offload: "auto" (resident as much as fits, stream the rest from pinned RAM, spill to
+            disk), "none" (all resident), "cpu" (stream every layer from RAM), "disk" (stream
+            every layer from disk), or a dict ``{block or pattern: tier}`` such as
+            ``{"layers.*": "disk", "layers.0": "gpu"}``.
+        max_gpu_memory: VRAM budget ("24GiB", "24GB" or bytes); default: 92% of free VRAM.
+        max_cpu_memory: host RAM budget for offloaded blocks (on a CPU-only machine: for the
+            whole model); default: 70% of available RAM (80% on CPU).
+        offload_dir: where the on-disk block store lives (default ``~/.cache/exa/offload``).
+        device: "cuda", "cuda:N" or "cpu"; default: cuda when available.
+        dtype: compute dtype; default bf16/fp16 on GPU, float32 on CPU.
+        prefetch_depth: blocks loaded ahead while one computes (default: chosen by the planner).
+        max_context: longest sequence (prompt + new tokens) the KV-cache budget is sized for.
+        batch_size: largest batch the KV-cache budget is sized for.
+        progress: show progress bars while loading.
+    """
+
+    def __init__(self, model: str | None = None, offload="auto", *, max_gpu_memory=None,
+                 max_cpu_memory=None, max_disk=None, offload_dir: str | None = None,
+                 device: str | None = None, dtype: torch.dtype | None = None,
+                 prefetch_depth: int | None = None, max_context: int = 2048, batch_size: int = 1,
+                 progress: bool = True, trust_remote_code: bool = False):
+        self.model_path = str(model if model is not None else default_model())
+        ckpt = open_checkpoint(self.model_path, trust_remote_code=trust_remote_code)
+        self.engine = Engine(ckpt, device=device, dtype=dtype, offload=offload,
+                             max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                             max_disk=max_disk, offload_dir=offload_dir, prefetch_depth=prefetch_depth,
+                             batch_size=batch_size, max_context=max_context, progress=progress,
+                             trust_remote_code=trust_remote_code)
+        self._tokenizer_kwargs = ckpt.tokenizer_kwargs
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            try:
+                tok = AutoTokenizer.from_pretrained(**self._tokenizer_kwargs)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"no usable tokenizer with the model at {self.model_path}: {e}") from e
+            if tok.pad_token_id is None:
+                tok.pad_token = tok.eos_token or tok.unk_token
+            tok.padding_side = "left"
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def plan(self):
+        """The placement: block -> tier, bytes, slots, KV budget, predicted time per token."""
+        return self.engine.placement
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    # -- text in, text out -------------------------------------------------------------------
+    def generate(self, prompt: Prompt | Sequence[Prompt], max_new_tokens: int = 64, *,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, chat: bool | None = None) -> str | list[str]:
+        """Continue ``prompt`` (greedy unless ``temperature`` > 0); a list of prompts is a batch.
+
+        Args:
+            prompt: a string, a chat (list of {"role", "content"} dicts), or a list of either.
+            max_new_tokens: at most this many tokens are generated per prompt.
+            temperature, top_p, top_k, seed: sampling controls (temperature 0 = greedy).
+            stop: string(s) that end generation; the text is cut before them.
+            chat: apply the tokenizer's chat template to string prompts (chats always get it).
+
+        Returns:
+            the generated text (without the prompt), or a list of them for a batch.
+        """
+        single = isinstance(prompt, str) or _is_chat(prompt)
+        prompts = [prompt] if single else list(prompt)
+        outs = [""] * len(prompts)
+        for outs in self._texts(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat):
+            pass
+        return outs[0] if single else outs
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, **kw) -> Iterator[str]:
+        """Like ``generate`` for one prompt, yielding text pieces as they are produced."""
+        sent = ""
+        for outs in self._texts([prompt], max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0),
+                                kw.get("top_k", 0), kw.get("seed"), kw.get("stop"), kw.get("chat")):
+            text = outs[0]
+            if text.endswith("\ufffd"):       # an unfinished multi-byte character: wait for the rest
+                continue
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+
+    def __call__(self, prompt, max_new_tokens: int = 64, **kw):
+        """Same as ``generate``."""
+        return self.generate(prompt, max_new_tokens, **kw)
+
+    run = __call__
+
+    # -- tensors ----------------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence logits ``[B, S, V]`` as float32 on the CPU (for tests and perplexity)."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        return self.engine.forward(input_ids, attention_mask).float().cpu()
+
+    def generate_ids(self, input_ids: torch.Tensor, max_new_tokens: int = 16, *,
+                     attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     seed: int | None = None) -> torch.Tensor:
+        """Token-level generation: new token ids ``[B, n]`` for left-padded ``input_ids`` ``[B, S]``.
+
+        Stops early only at ``eos_token_id`` (finished rows are then filled with it).
+        """
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        eos = {eos_token_id} if eos_token_id is not None else set()
+        pad = eos_token_id if eos_token_id is not None else 0
+        steps = list(generate_steps(self.engine, input_ids, mask, max_new_tokens,
+                                    Sampling(temperature, top_k, top_p, seed), eos, pad))
+        return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
+
+    def close(self) -> None:
+        """Stop reader threads and release buffers."""
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- internals --------------------------------------------------------------------------
+    def _encode(self, prompts: list[Prompt], chat: bool | None) -> dict:
+        tok = self.tokenizer
+        texts = []
+        for p in prompts:
+            if _is_chat(p) or (chat and isinstance(p, str)):
+                msgs = p if _is_chat(p) else [{"role": "user", "content": p}]
+                if not getattr(tok, "chat_template", None):
+                    raise ValueError("this model's tokenizer has no chat template; pass chat=False")
+                texts.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+            elif isinstance(p, str):
+                texts.append(p)
+            else:
+                raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(p).__name__}")
+        return tok(texts, return_tensors="pt", padding=True, add_special_tokens=not (chat or any(map(_is_chat, prompts))))
+
+    def _texts(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat):
+        """Yield the decoded outputs of all prompts after every step."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        enc = self._encode(prompts, chat)
+        eos = self.tokenizer.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        gen_cfg = getattr(self.engine.model, "generation_config", None)
+        if gen_cfg is not None and gen_cfg.eos_token_id is not None:
+            extra = gen_cfg.eos_token_id
+            eos_ids |= set(extra if isinstance(extra, list) else [extra])
+        new: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        texts = [""] * len(prompts)
+        steps = generate_steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                               Sampling(temperature, top_k, top_p, seed), eos_ids, self.tokenizer.pad_token_id)
+        for nxt in steps:
+            for i, t in enumerate(nxt.tolist()):
+                if finished[i]:
+                    continue
+                if t in eos_ids:
+                    finished[i] = True
+                    continue
+                new[i].append(t)
+                texts[i] = self.tokenizer.decode(new[i], skip_special_tokens=True)
+                cut = min((texts[i].find(s) for s in stops if s in texts[i]), default=-1)
+                if cut >= 0:
+                    texts[i], finished[i] = texts[i][:cut], True
+            yield list(texts)
+            if all(finished):
+                steps.close()
+                return
+
+
+def _is_chat(p) -> bool:
+    return isinstance(p, list) and bool(p) and all(isinstance(m, dict) and "role" in m for m in p)

@@ -1,0 +1,170 @@
+"""Reading model checkpoints tensor by tensor, never the whole model at once.
+
+Sources: a local Hugging Face directory (config.json + one or several safetensors shards with an
+index), a GGUF file (through transformers' GGUF reader), or a hub id (downloaded with
+huggingface_hub when online). Every problem is reported as a CheckpointError naming the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A model path, file or index that cannot be used; the message names it."""
+
+
+class Checkpoint:
+    """Lazy access to the tensors of a checkpoint: ``get(name)`` reads one tensor (mmap)."""
+
+    def __init__(self, config, files: dict[str, Path], root: Path, tokenizer_kwargs: dict,
+                 tensors: dict[str, torch.Tensor] | None = None):
+        self.config = config
+        self.root = root
+        self.tokenizer_kwargs = tokenizer_kwargs      # how to load the tokenizer: AutoTokenizer(**kw)
+        self._files = files                           # tensor name -> shard path
+        self._tensors = tensors                       # in-memory tensors (GGUF), else None
+        self._open: dict[Path, object] = {}
+
+    def keys(self) -> set[str]:
+        return set(self._tensors) if self._tensors is not None else set(self._files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[name]
+        path = self._files[name]
+        handle = self._open.get(path)
+        if handle is None:
+            handle = self._open[path] = _safe_open(path)
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def fingerprint(self) -> str:
+        """Changes when any weight file changes (path, size, mtime)."""
+        h = hashlib.sha256()
+        for p in sorted(set(self._files.values())) or [self.root]:
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def open_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False) -> Checkpoint:
+    """Open a local directory, a .gguf file or a hub id."""
+    path = Path(os.path.expanduser(str(model)))
+    if path.is_file() and path.suffix == ".gguf":
+        return _open_gguf(path)
+    if path.is_dir():
+        return _open_dir(path, trust_remote_code)
+    if path.exists():
+        raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
+    if _looks_like_hub_id(str(model)):
+        return _open_dir(_download(str(model)), trust_remote_code)
+    raise CheckpointError(f"model path {str(model)!r} does not exist (and is not a hub id like 'org/name')")
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    parts = s.split("/")
+    return len(parts) == 2 and all(parts) and not s.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If this machine is offline, pass a local directory or a .gguf file instead.") from e
+
+
+def _load_config(path: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def _open_dir(path: Path, trust_remote_code: bool) -> Checkpoint:
+    config = _load_config(path, trust_remote_code)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = _read_index(index)
+    else:
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
+            hint = f" (found {', '.join(other)}: convert to safetensors)" if other else ""
+            raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
+        files = {}
+        for shard in shards:
+            for name in _safe_open(shard).keys():
+                files[name] = shard
+    return Checkpoint(config, files, path, {"pretrained_model_name_or_path": str(path)})
+
+
+def _read_index(index: Path) -> dict[str, Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"bad safetensors index {index}: {e}") from e
+    files, missing = {}, set()
+    for name, shard in weight_map.items():
+        p = index.parent / shard
+        if not p.is_file():
+            missing.add(str(p))
+        files[name] = p
+    if missing:
+        raise CheckpointError(f"shard(s) named in {index} are missing: {', '.join(sorted(missing))}")
+    for p in set(files.values()):
+        _safe_open(p)          # validates header and size of every shard up front
+    return files
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    """GGUF through transformers' own reader (dequantized to float; fine for small models)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    kw = {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    try:
+        config = AutoConfig.from_pretrained(**kw)
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    except ImportError as e:
+        raise CheckpointError(f"reading {path} needs the gguf package: pip install 'exa[gguf]' ({e})") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
+    ck = Checkpoint(config, {}, path, kw, tensors=tensors)
+    ck.fingerprint = lambda: _file_fingerprint(path)  # type: ignore[method-assign]
+    return ck
+
+
+def _file_fingerprint(p: Path) -> str:
+    st = p.stat()
+    return hashlib.sha256(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
