@@ -9,6 +9,7 @@ from runtime.assets import default_model
 from runtime.checkpoint import open_checkpoint
 from runtime.engine import Engine
 from runtime.generate import Sampling, generate_steps
+from runtime.units import parse_size
 
 Prompt = str | list[dict]
 
@@ -41,6 +42,10 @@ class Inference:
                  device: str | None = None, dtype: torch.dtype | None = None,
                  prefetch_depth: int | None = None, max_context: int = 2048, batch_size: int = 1,
                  progress: bool = True, trust_remote_code: bool = False):
+        for name, size in (("max_gpu_memory", max_gpu_memory), ("max_cpu_memory", max_cpu_memory),
+                           ("max_disk", max_disk)):
+            if size is not None:
+                parse_size(size, name)      # a bad budget is an error even where it is unused
         self.model_path = str(model if model is not None else default_model())
         ckpt = open_checkpoint(self.model_path, trust_remote_code=trust_remote_code)
         self.engine = Engine(ckpt, device=device, dtype=dtype, offload=offload,
@@ -49,6 +54,8 @@ class Inference:
                              batch_size=batch_size, max_context=max_context, progress=progress,
                              trust_remote_code=trust_remote_code)
         self._tokenizer_kwargs = ckpt.tokenizer_kwargs
+        self._generation_configs = [ckpt.generation_config,
+                                    getattr(self.engine.model, "generation_config", None)]
         self._tokenizer = None
 
     @property
@@ -92,23 +99,38 @@ class Inference:
             the generated text (without the prompt), or a list of them for a batch.
         """
         single = isinstance(prompt, str) or _is_chat(prompt)
+        if not single and not isinstance(prompt, (list, tuple)):
+            raise TypeError("prompt must be a string, a chat (list of {'role', 'content'} dicts) or a "
+                            f"list of those, got {type(prompt).__name__}")
         prompts = [prompt] if single else list(prompt)
         outs = [""] * len(prompts)
+        if not prompts:
+            return []
         for outs in self._texts(prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat):
             pass
         return outs[0] if single else outs
 
-    def stream(self, prompt: Prompt, max_new_tokens: int = 64, **kw) -> Iterator[str]:
-        """Like ``generate`` for one prompt, yielding text pieces as they are produced."""
-        sent = ""
-        for outs in self._texts([prompt], max_new_tokens, kw.get("temperature", 0.0), kw.get("top_p", 1.0),
-                                kw.get("top_k", 0), kw.get("seed"), kw.get("stop"), kw.get("chat")):
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, *, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, chat: bool | None = None) -> Iterator[str]:
+        """Like ``generate`` for one prompt, yielding text pieces as they are produced.
+
+        The pieces joined are exactly ``generate``'s text: text that may still turn out to be
+        the start of a ``stop`` string, or an unfinished multi-byte character, is held back.
+        """
+        if not (isinstance(prompt, str) or _is_chat(prompt)):
+            raise TypeError(f"stream() takes one prompt (a string or a chat), "
+                            f"got {type(prompt).__name__}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        sent, text = "", ""
+        for outs in self._texts([prompt], max_new_tokens, temperature, top_p, top_k, seed, stop, chat):
             text = outs[0]
-            if text.endswith("\ufffd"):       # an unfinished multi-byte character: wait for the rest
-                continue
-            if len(text) > len(sent):
-                yield text[len(sent):]
-                sent = text
+            ready = len(text) - _pending(text, stops)
+            if ready > len(sent):
+                yield text[len(sent):ready]
+                sent = text[:ready]
+        if len(text) > len(sent):
+            yield text[len(sent):]
 
     def __call__(self, prompt, max_new_tokens: int = 64, **kw):
         """Same as ``generate``."""
@@ -160,7 +182,9 @@ class Inference:
             if _is_chat(p) or (chat and isinstance(p, str)):
                 msgs = p if _is_chat(p) else [{"role": "user", "content": p}]
                 if not getattr(tok, "chat_template", None):
-                    raise ValueError("this model's tokenizer has no chat template; pass chat=False")
+                    raise ValueError(f"chat=True and chat-message prompts need a chat template, but the "
+                                     f"tokenizer of {self.model_path} has none: pass plain text with "
+                                     "chat=False, or set llm.tokenizer.chat_template")
                 texts.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
             elif isinstance(p, str):
                 texts.append(p)
@@ -170,16 +194,15 @@ class Inference:
 
     def _texts(self, prompts, max_new_tokens, temperature, top_p, top_k, seed, stop, chat):
         """Yield the decoded outputs of all prompts after every step."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
         enc = self._encode(prompts, chat)
         eos = self.tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        gen_cfg = getattr(self.engine.model, "generation_config", None)
-        if gen_cfg is not None and gen_cfg.eos_token_id is not None:
-            extra = gen_cfg.eos_token_id
-            eos_ids |= set(extra if isinstance(extra, list) else [extra])
+        for gen_cfg in self._generation_configs:      # the model's own file, then its config's
+            extra = getattr(gen_cfg, "eos_token_id", None)
+            eos_ids |= set(extra if isinstance(extra, list) else [extra]) - {None}
         new: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         texts = [""] * len(prompts)
@@ -205,3 +228,12 @@ class Inference:
 
 def _is_chat(p) -> bool:
     return isinstance(p, list) and bool(p) and all(isinstance(m, dict) and "role" in m for m in p)
+
+
+def _pending(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` may still change: an unfinished multi-byte
+    character (decoded as U+FFFD) or the beginning of a stop string."""
+    n = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    while n < len(text) and text[len(text) - n - 1] == "\ufffd":
+        n += 1
+    return n

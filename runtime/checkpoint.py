@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ class Checkpoint:
         self._files = files                           # tensor name -> shard path
         self._tensors = tensors                       # in-memory tensors (GGUF), else None
         self._open: dict[Path, object] = {}
+        self.generation_config = None                 # generation_config.json, when the model has one
 
     def keys(self) -> set[str]:
         return set(self._tensors) if self._tensors is not None else set(self._files)
@@ -101,10 +103,16 @@ def _load_config(path: Path, trust_remote_code: bool):
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face model directory")
     try:
-        json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise CheckpointError(f"{cfg_file} (model_type {raw.get('model_type')!r}) is not a config this "
+                              f"transformers version can build: {e}") from e
 
 
 def _open_dir(path: Path, trust_remote_code: bool) -> Checkpoint:
@@ -122,7 +130,22 @@ def _open_dir(path: Path, trust_remote_code: bool) -> Checkpoint:
         for shard in shards:
             for name in _safe_open(shard).keys():
                 files[name] = shard
-    return Checkpoint(config, files, path, {"pretrained_model_name_or_path": str(path)})
+    ck = Checkpoint(config, files, path, {"pretrained_model_name_or_path": str(path)})
+    ck.generation_config = _load_generation_config(path)
+    return ck
+
+
+def _load_generation_config(path: Path):
+    """The model's generation_config.json (its eos ids end chat turns), or None; a bad one is
+    ignored with a warning, as transformers does."""
+    if not (path / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - optional file: never a reason to refuse the model
+        warnings.warn(f"ignoring {path / 'generation_config.json'}: {e}", stacklevel=3)
+        return None
 
 
 def _read_index(index: Path) -> dict[str, Path]:
@@ -159,7 +182,7 @@ def _open_gguf(path: Path) -> Checkpoint:
     except ImportError as e:
         raise CheckpointError(f"reading {path} needs the gguf package: pip install 'exa[gguf]' ({e})") from e
     except Exception as e:
-        raise CheckpointError(f"cannot read GGUF file {path}: {e}") from e
+        raise CheckpointError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from e
     ck = Checkpoint(config, {}, path, kw, tensors=tensors)
     ck.fingerprint = lambda: _file_fingerprint(path)  # type: ignore[method-assign]
     return ck

@@ -37,7 +37,7 @@ def cache_dir() -> Path:
 def default_dtype(config, device: torch.device) -> torch.dtype:
     if device.type == "cpu":
         return torch.float32
-    want = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    want = getattr(config, "dtype", None)
     return torch.float16 if str(want).endswith("float16") and "b" not in str(want) else torch.bfloat16
 
 
@@ -87,7 +87,7 @@ def plan_model(config, *, device: torch.device, dtype: torch.dtype, offload="aut
     have_device = device.type == "cpu" or torch.cuda.is_available()
     hw = hardware.probe(device.type if have_device else "cpu", offload_dir=offload_dir,
                         measure=bandwidths is None and have_device)
-    bw = bandwidths or hw.bandwidths
+    bw = bandwidths or (hw.bandwidths if have_device else hardware.DEFAULTS[device.type])
     if device.type == "cuda":
         if max_gpu_memory is None and not have_device:
             raise ValueError("no GPU here: pass max_gpu_memory to plan for one")
@@ -143,7 +143,8 @@ class Engine:
         pool = None
         if host_names:
             pool = PinnedPool()
-            pool.reserve(sum(self._block(n).nbytes for n in host_names), "pinning host memory")
+            pool.reserve([self._block(n).nbytes for n in host_names], "pinning host memory",
+                         progress=self.progress and None)
         disk_names = [b.name for b in self.blocks if p.tier_of(b.name) == "disk"]
         store = self._disk_store(disk_names) if disk_names else None
         bar = tqdm(self.blocks, desc="loading blocks", unit="block", disable=not self.progress)

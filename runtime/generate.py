@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,24 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def _is_count(n) -> bool:
+    if isinstance(n, bool):
+        return False
+    try:
+        return operator.index(n) >= 0
+    except TypeError:
+        return False
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """Longest sequence a model with a learned position table can run; None when not bounded
+    (rotary / ALiBi models only degrade past ``max_position_embeddings``, they do not fail)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    tokens = model.get_input_embeddings()
+    tables = [m for m in model.modules() if isinstance(m, nn.Embedding) and m is not tokens]
+    return limit if tables and limit else None
 
 
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
@@ -50,7 +70,20 @@ def generate_steps(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ``input_ids``/``attention_mask`` are left-padded ``[B, S]``. Sequences that hit an eos keep
     yielding ``pad_id``; the loop ends when all are done or after ``max_new_tokens``.
     """
-    if max_new_tokens <= 0:
+    if not _is_count(max_new_tokens):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"empty prompt: input_ids must be [batch, tokens] with at least one token, "
+                         f"got shape {tuple(input_ids.shape)}")
+    empty = (attention_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"empty prompt: row(s) {empty} of the batch have no tokens to continue from")
+    limit, longest = position_limit(engine.model), int(attention_mask.sum(-1).max())
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
+                         f"{longest + max_new_tokens} exceeds the {limit} positions this model has "
+                         "(max_position_embeddings): shorten the prompt or ask for fewer tokens")
+    if max_new_tokens == 0:
         return
     gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     takes_pos = "position_ids" in inspect.signature(engine.model.forward).parameters

@@ -1,13 +1,11 @@
 """The placement planner: (block sizes, budgets, bandwidths, workload) -> a frozen Placement.
 
-PURE: no torch, no I/O. Every block gets a home tier: resident on the compute device
-("gpu" when the device is cuda, "cpu" when it is the CPU) or streamed from pinned host RAM
-("cpu", cuda only) or "disk" through a ring of ``slots`` buffers of ``slot_bytes`` each on
-the device. The planned device bytes (resident + slots + KV cache + activations + overhead)
-never exceed ``budgets.device``: that is the "no OOM at run time" promise.
-
-Predicted times follow the cost model of docs/ARCHITECTURE.md: a decode step reads every
-weight byte once, and streamed bytes cross the host->device link (and the disk) every step.
+PURE: no torch, no I/O. Every block gets a home tier: resident on the compute device ("gpu"
+on cuda, "cpu" on the CPU) or streamed from pinned host RAM ("cpu", cuda only) or "disk"
+through a ring of ``slots`` device buffers of ``slot_bytes`` each. The planned device bytes
+(resident + slots + KV cache + activations + overhead) never exceed ``budgets.device``: the
+"no OOM at run time" promise. Predictions follow the cost model in docs/ARCHITECTURE.md: a
+decode step reads every weight once and streamed bytes cross the link every step.
 """
 
 from __future__ import annotations
@@ -24,25 +22,22 @@ __all__ = ["BlockSpec", "Bandwidths", "Budgets", "Workload", "Placement", "PlanE
 
 KINDS = ("embed", "layer", "head")
 LAUNCH_OVERHEAD_S = 20e-6            # per block per step: kernel launches, hooks, events
-CUDA_MIN_OVERHEAD = 512 * MiB        # CUDA context, allocator fragmentation, workspaces
+CUDA_MIN_OVERHEAD = 512 * MiB        # CUDA context, allocator fragmentation, workspaces ...
 CUDA_OVERHEAD_DIVISOR = 20           # ... or 5% of the device budget, whichever is larger
 CPU_OVERHEAD = 64 * MiB
 DEFAULT_PREFETCH_DEPTH = 2
-_MODES = ("auto", "none", "cpu", "disk")
+MODES = ("auto", "none", "cpu", "disk")
 
 
 class PlanError(ValueError):
     """The budgets cannot hold the model as asked.
 
-    ``needed`` / ``budget`` are bytes; ``resource`` names the budget that is short.
+    ``needed`` / ``budget`` are bytes; ``resource`` names the short budget: "device" | "cpu" | "disk".
     """
 
-    def __init__(self, message: str, needed: int | None = None, budget: int | None = None,
-                 resource: str = "device"):
+    def __init__(self, message: str, needed: int, budget: int, resource: str = "device"):
         super().__init__(message)
-        self.needed = needed
-        self.budget = budget
-        self.resource = resource    # which budget is short: "device" | "cpu" | "disk"
+        self.needed, self.budget, self.resource = needed, budget, resource
 
 
 def _check(ok: bool, message: str) -> None:
@@ -50,8 +45,8 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _is_count(v: object, allow_none: bool = False) -> bool:
-    return (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+def _is_count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class Bandwidths:
 
     h2d: float           # pinned host->GPU copy (0 when there is no GPU)
     disk: float          # disk sequential read
-    device_mem: float    # memory bandwidth of the compute device
+    device_mem: float    # memory bandwidth of the compute device (HBM, or RAM on cpu)
     device_flops: float  # dense matmul throughput of the compute device
 
     def __post_init__(self) -> None:
@@ -93,12 +88,12 @@ class Budgets:
 
     def __post_init__(self) -> None:
         for k, v in vars(self).items():
-            _check(_is_count(v, allow_none=k == "disk"), f"budgets.{k}={v!r} must be an int >= 0 (bytes)")
+            _check(_is_count(v) or (k == "disk" and v is None), f"budgets.{k}={v!r} must be an int >= 0")
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What will run: sizes the KV cache and activation reserve and the predictions."""
+    """What will run: sizes the KV cache and activation reserve, and the predictions."""
 
     batch: int = 1
     context: int = 2048            # max tokens held in the KV cache per sequence
@@ -116,9 +111,10 @@ class Workload:
 class Placement:
     """Where every block lives, how it is streamed, and what that should cost.
 
-    ``slots``, ``slot_bytes`` and the predicted times are derived from the other fields.
-    Times: ``transfer_s`` / ``compute_s`` / ``decode_s`` are per decode step of the whole
-    batch; ``prefill_compute_s`` / ``prefill_s`` are for one prefill of batch x prompt tokens.
+    Fields after ``workload`` are derived. ``staging_bytes``: pinned host buffers for disk
+    reads (cuda with disk blocks: slots x slot_bytes). Times: ``transfer_s`` / ``compute_s``
+    / ``decode_s`` per decode step of the whole batch; ``prefill_compute_s`` / ``prefill_s``
+    per prefill of batch x prompt tokens.
     """
 
     device: str                       # "cuda" | "cpu"
@@ -126,14 +122,14 @@ class Placement:
     tiers: tuple[str, ...]            # per block: "gpu" | "cpu" | "disk"
     prefetch_depth: int               # blocks loaded ahead of the one computing (0: none streamed)
     kv_budget: int                    # device bytes for the KV cache
-    activations: int                  # device bytes for activations (prefill peak)
+    activations: int                  # device bytes for activations (the prefill peak)
     overhead: int                     # device bytes for context / allocator / workspaces
     budgets: Budgets
     bandwidths: Bandwidths
     workload: Workload
-    staging_bytes: int = 0            # pinned host staging for disk reads (cuda only)
     slots: int = field(init=False)
     slot_bytes: int = field(init=False)
+    staging_bytes: int = field(init=False)
     transfer_s: float = field(init=False)
     compute_s: float = field(init=False)
     prefill_compute_s: float = field(init=False)
@@ -150,12 +146,13 @@ class Placement:
         _check(not streamed or self.prefetch_depth >= 1, "prefetch_depth must be >= 1 when blocks are streamed")
         put = object.__setattr__
         put(self, "_index", {b.name: i for i, b in enumerate(self.blocks)})
-        put(self, "slots", min(self.prefetch_depth + 1, len(streamed)) if streamed else 0)
+        put(self, "slots", _nslots(streamed, self.prefetch_depth))
         put(self, "slot_bytes", max(streamed, default=0))
+        disk = self.device == "cuda" and "disk" in self.tiers
+        put(self, "staging_bytes", self.slots * self.slot_bytes if disk else 0)
         for key, value in _predict(self).items():
             put(self, key, value)
 
-    # -- queries -----------------------------------------------------------------------
     @property
     def compute_tier(self) -> str:
         """The tier the compute device reads directly: "gpu" on cuda, "cpu" on cpu."""
@@ -167,7 +164,7 @@ class Placement:
         return self.activations + self.overhead
 
     def tier_of(self, name: str) -> str:
-        """Home tier of block ``name``."""
+        """Home tier of block ``name`` (KeyError for an unknown name)."""
         if name not in self._index:
             raise KeyError(f"no block named {name!r} in this placement")
         return self.tiers[self._index[name]]
@@ -194,12 +191,12 @@ class Placement:
 
     @property
     def device_bytes(self) -> int:
-        """Planned device usage: resident + slots + KV cache + activations + overhead."""
+        """Planned device use: resident + slots + KV cache + activations + overhead."""
         return self.resident_bytes + self.slots * self.slot_bytes + self.kv_budget + self.reserve
 
     @property
     def host_bytes(self) -> int:
-        """Pinned host bytes for streamed blocks and disk staging (0 on device cpu)."""
+        """Pinned host bytes: streamed blocks + disk staging (0 on device cpu)."""
         return self.bytes_by_tier()["cpu"] + self.staging_bytes if self.device == "cuda" else 0
 
     @property
@@ -209,24 +206,23 @@ class Placement:
 
     @property
     def decode_tok_s(self) -> float:
-        """Predicted decode tokens/s over the whole batch."""
+        """Predicted decode tokens/s, whole batch."""
         return self.workload.batch / self.decode_s
 
     @property
     def prefill_tok_s(self) -> float:
-        """Predicted prefill tokens/s over the whole batch."""
+        """Predicted prefill tokens/s, whole batch."""
         return self.workload.batch * self.workload.prompt / self.prefill_s
 
     @property
     def decode_bound(self) -> str:
-        """What limits a decode step: a transfer link, memory bandwidth or compute."""
-        return _bound(self, self.transfer_s, self.compute_s, self.workload.batch)
+        """What limits a decode step: "host->GPU copy", "disk read", "memory bandwidth" or "compute"."""
+        return _bound(self, self.compute_s, self.workload.batch)
 
     @property
     def prefill_bound(self) -> str:
-        """What limits a prefill."""
-        wl = self.workload
-        return _bound(self, self.transfer_s, self.prefill_compute_s, wl.batch * wl.prompt)
+        """What limits a prefill (same vocabulary as ``decode_bound``)."""
+        return _bound(self, self.prefill_compute_s, self.workload.batch * self.workload.prompt)
 
     def table(self) -> str:
         """A readable placement table: blocks per tier, memory use, predicted speed."""
@@ -240,49 +236,45 @@ def _allowed_tiers(device: str) -> tuple[str, ...]:
     return ("gpu", "cpu", "disk") if device == "cuda" else ("cpu", "disk")
 
 
+def _nslots(streamed: Sequence[int], depth: int) -> int:
+    return min(depth + 1, len(streamed))
+
+
 # -- cost model --------------------------------------------------------------------------
 def _div(amount: float, rate: float, what: str) -> float:
     if amount == 0:
         return 0.0
-    if rate <= 0:
-        raise ValueError(f"bandwidths.{what} is 0 but the placement needs it ({fmt_bytes(amount)} per step)"
-                         if what in ("h2d", "disk") else f"bandwidths.{what} must be > 0")
+    _check(rate > 0, f"bandwidths.{what} is 0 but this placement needs it")
     return amount / rate
 
 
 def _link_times(p: Placement) -> tuple[float, float]:
-    """(host->device seconds, disk seconds) per pass over the streamed blocks."""
+    """(host->GPU seconds, disk seconds) for one pass over the streamed blocks."""
     by = p.bytes_by_tier()
-    disk = _div(by["disk"], p.bandwidths.disk, "disk")
-    if p.device == "cpu":
-        return 0.0, disk
-    return _div(by["cpu"] + by["disk"], p.bandwidths.h2d, "h2d"), disk
+    h2d = _div(by["cpu"] + by["disk"], p.bandwidths.h2d, "h2d") if p.device == "cuda" else 0.0
+    return h2d, _div(by["disk"], p.bandwidths.disk, "disk")
 
 
 def _mem_s(p: Placement) -> float:
     # An embedding lookup reads only the rows it needs, not the whole table.
-    read = sum(b.nbytes for b in p.blocks if b.kind != "embed")
-    return _div(read, p.bandwidths.device_mem, "device_mem")
+    return _div(sum(b.nbytes for b in p.blocks if b.kind != "embed"), p.bandwidths.device_mem, "device_mem")
 
 
 def _flops_s(p: Placement, tokens: int) -> float:
-    flops = tokens * sum(b.flops_per_token for b in p.blocks)
-    return _div(flops, p.bandwidths.device_flops, "device_flops")
+    return _div(tokens * sum(b.flops_per_token for b in p.blocks), p.bandwidths.device_flops, "device_flops")
 
 
 def _predict(p: Placement) -> dict[str, float]:
-    wl = p.workload
+    wl, launch = p.workload, LAUNCH_OVERHEAD_S * len(p.blocks)
     transfer = max(_link_times(p))
     compute = max(_mem_s(p), _flops_s(p, wl.batch))
-    prefill_compute = max(_mem_s(p), _flops_s(p, wl.batch * wl.prompt))
-    launch = LAUNCH_OVERHEAD_S * len(p.blocks)
-    return {"transfer_s": transfer, "compute_s": compute, "prefill_compute_s": prefill_compute,
-            "decode_s": max(transfer, compute) + launch,
-            "prefill_s": max(transfer, prefill_compute) + launch}
+    prefill = max(_mem_s(p), _flops_s(p, wl.batch * wl.prompt))
+    return {"transfer_s": transfer, "compute_s": compute, "prefill_compute_s": prefill,
+            "decode_s": max(transfer, compute) + launch, "prefill_s": max(transfer, prefill) + launch}
 
 
-def _bound(p: Placement, transfer: float, compute: float, tokens: int) -> str:
-    if transfer > compute:
+def _bound(p: Placement, compute: float, tokens: int) -> str:
+    if p.transfer_s > compute:
         h2d, disk = _link_times(p)
         return "disk read" if disk >= h2d else "host->GPU copy"
     return "memory bandwidth" if _mem_s(p) >= _flops_s(p, tokens) else "compute"
@@ -297,141 +289,94 @@ def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
     Args:
         blocks: the model's blocks in execution order (unique names).
         budgets: bytes allowed on the device, in pinned host RAM and on disk.
-        bandwidths: measured rates used for the predictions (``h2d`` must be > 0 on cuda
-            when anything is streamed, ``disk`` > 0 when anything lives on disk).
+        bandwidths: rates for the predictions; ``h2d`` must be > 0 on cuda when anything is
+            streamed, ``disk`` > 0 when anything lives on disk.
         workload: batch / context / prompt sizes; sizes the KV cache and activations.
         device: "cuda" (or "cuda:N") or "cpu".
-        mode: "auto" (embed/head resident, then as many layers as fit, in order; the rest
-            streamed from pinned RAM, then disk), "none" (everything resident), "cpu" /
-            "disk" (every layer streamed from that tier), or a dict mapping block names or
-            fnmatch patterns ("layers.*") to a tier; an exact name wins over a pattern,
-            a later pattern over an earlier one, unnamed blocks are placed as in "auto".
-        prefetch_depth: blocks loaded ahead of the one computing; default 2 (1 when only
-            two slots fit).
+        mode: "auto" (embed/head resident, then as many layers as fit, from the first; the
+            rest streamed from pinned RAM up to its budget, then disk), "none" (everything
+            resident), "cpu" / "disk" (every layer streamed from that tier), or a dict of
+            block name or fnmatch pattern ("layers.*") -> tier. An exact name wins over a
+            pattern, a later pattern over an earlier one; unnamed blocks are placed as "auto".
+        prefetch_depth: blocks loaded ahead of the one computing; default 2, or 1 when only
+            two slots fit. 0 in the result when nothing is streamed.
 
     Returns:
         A frozen :class:`Placement`.
 
     Raises:
-        PlanError: the budgets cannot hold the model this way (the message says how much
-            is needed). ValueError: a bad mode, tier, pattern or argument.
+        PlanError: the budgets cannot hold the model this way; the message says how much is
+            needed. ValueError: a bad mode, tier, pattern, device or depth.
     """
-    blocks = _check_blocks(blocks)
-    device = _norm_device(device)
-    depths = _depth_choices(prefetch_depth)
+    blocks = tuple(blocks)
+    _check(bool(blocks) and all(isinstance(b, BlockSpec) for b in blocks),
+           "blocks must be a non-empty list of BlockSpec")
+    names = [b.name for b in blocks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _check(not dup, f"block names appear twice: {dup}")
+    _check(device == "cpu" or bool(re.fullmatch(r"cuda(:\d+)?", str(device))),
+           f"device={device!r} must be 'cuda', 'cuda:N' or 'cpu'")
+    device = "cpu" if device == "cpu" else "cuda"
+    _check(prefetch_depth is None or (_is_count(prefetch_depth) and prefetch_depth >= 1),
+           f"prefetch_depth={prefetch_depth!r} must be an int >= 1")
+    depths = (DEFAULT_PREFETCH_DEPTH, 1) if prefetch_depth is None else (prefetch_depth,)
     forced = _forced_tiers(blocks, mode, device)
-    res_tier = "gpu" if device == "cuda" else "cpu"
     kv = workload.batch * workload.context * workload.kv_bytes_per_token
     act = workload.batch * workload.prompt * workload.act_bytes_per_token
-    overhead = _overhead(device, budgets.device)
+    overhead = CPU_OVERHEAD if device == "cpu" else max(CUDA_MIN_OVERHEAD, budgets.device // CUDA_OVERHEAD_DIVISOR)
+    res_tier = "gpu" if device == "cuda" else "cpu"
     avail = budgets.device - kv - act - overhead
     resident, depth, cheapest = _choose_resident(blocks, forced, res_tier, avail, depths)
     if resident is None:
         how = "to hold every block resident" if mode == "none" else f"with offload={mode!r}" + \
             (f" and prefetch_depth={prefetch_depth}" if prefetch_depth is not None else "")
         raise _too_small(device, budgets.device, kv, act, cheapest, how)
-    if len(resident) == len(blocks):
-        depth = 0
+    depth = depth if len(resident) < len(blocks) else 0
     tiers = _offload_tiers(blocks, forced, resident, device, budgets, depth)
-    staging = _staging(blocks, tiers, device, depth)
-    return Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths,
-                     workload, staging)
-
-
-def _check_blocks(blocks: Sequence[BlockSpec]) -> tuple[BlockSpec, ...]:
-    blocks = tuple(blocks)
-    _check(bool(blocks), "blocks is empty: nothing to place")
-    _check(all(isinstance(b, BlockSpec) for b in blocks), "blocks must be BlockSpec instances")
-    names = [b.name for b in blocks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    _check(not dup, f"block names appear twice: {dup}")
-    return blocks
-
-
-def _norm_device(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    if isinstance(device, str) and re.fullmatch(r"cuda(:\d+)?", device):
-        return "cuda"
-    raise ValueError(f"device={device!r} must be 'cuda', 'cuda:N' or 'cpu'")
-
-
-def _depth_choices(prefetch_depth: int | None) -> tuple[int, ...]:
-    if prefetch_depth is None:
-        return (DEFAULT_PREFETCH_DEPTH, 1)
-    if isinstance(prefetch_depth, bool) or not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-        raise ValueError(f"prefetch_depth={prefetch_depth!r} must be an int >= 1")
-    return (prefetch_depth,)
-
-
-def _overhead(device: str, budget: int) -> int:
-    if device == "cpu":
-        return CPU_OVERHEAD
-    return max(CUDA_MIN_OVERHEAD, budget // CUDA_OVERHEAD_DIVISOR)
+    return Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload)
 
 
 def _forced_tiers(blocks: tuple[BlockSpec, ...], mode, device: str) -> dict[str, str]:
     """Tiers fixed by ``mode``; blocks absent from the result are placed automatically."""
-    res_tier = "gpu" if device == "cuda" else "cpu"
-    if isinstance(mode, Mapping):
-        return _dict_tiers(blocks, mode, device)
-    if mode not in _MODES:
-        raise ValueError(f"offload mode {mode!r} is not one of {_MODES} or a dict of block -> tier")
-    if mode == "none":
-        return {b.name: res_tier for b in blocks}
-    if mode in ("cpu", "disk"):
-        return {b.name: mode for b in blocks if b.kind == "layer"}
-    return {}
-
-
-def _dict_tiers(blocks: tuple[BlockSpec, ...], mode: Mapping[str, str], device: str) -> dict[str, str]:
-    allowed = _allowed_tiers(device)
+    if not isinstance(mode, Mapping):
+        _check(mode in MODES, f"offload mode {mode!r} is not one of {MODES} or a dict of block -> tier")
+        if mode == "none":
+            return {b.name: "gpu" if device == "cuda" else "cpu" for b in blocks}
+        return {b.name: mode for b in blocks if b.kind == "layer"} if mode in ("cpu", "disk") else {}
     names = [b.name for b in blocks]
     exact, patterns = {}, {}
     for key, tier in mode.items():
-        if tier not in allowed:
-            raise ValueError(f"offload[{key!r}] = {tier!r}: tier must be one of {allowed} on {device}")
-        if key in names:
-            exact[key] = tier
-        elif fnmatch.filter(names, key):
-            patterns[key] = tier
-        else:
-            raise ValueError(f"offload key {key!r} matches no block (blocks: {names[0]} ... {names[-1]})")
-    out: dict[str, str] = {}
-    for pattern, tier in patterns.items():
-        out.update({n: tier for n in fnmatch.filter(names, pattern)})
-    out.update(exact)
-    return out
-
-
-def _slot_cost(sizes: Sequence[int], depth: int) -> int:
-    return min(depth + 1, len(sizes)) * max(sizes) if sizes else 0
+        _check(tier in _allowed_tiers(device),
+               f"offload[{key!r}] = {tier!r}: tier must be one of {_allowed_tiers(device)} on {device}")
+        _check(key in names or bool(fnmatch.filter(names, key)),
+               f"offload key {key!r} matches no block (blocks: {names[0]} ... {names[-1]})")
+        (exact if key in names else patterns)[key] = tier
+    out = {n: tier for pattern, tier in patterns.items() for n in fnmatch.filter(names, pattern)}
+    return {**out, **exact}
 
 
 def _prefix_costs(fixed: int, streamed: list[int], layers: list[int], depth: int) -> list[int]:
     """Device bytes when layers[:r] are resident and layers[r:] + streamed are streamed, r = 0..n."""
-    n = len(layers)
-    costs, tail_max, tail = [0] * (n + 1), max(streamed, default=0), len(streamed)
+    costs, tail_max, tail = [0] * (len(layers) + 1), max(streamed, default=0), len(streamed)
     prefix = list(itertools.accumulate(layers, initial=0))
-    for r in range(n, -1, -1):
-        if r < n:
+    for r in range(len(layers), -1, -1):
+        if r < len(layers):
             tail_max, tail = max(tail_max, layers[r]), tail + 1
-        costs[r] = fixed + prefix[r] + (min(depth + 1, tail) * tail_max if tail else 0)
+        costs[r] = fixed + prefix[r] + min(depth + 1, tail) * tail_max
     return costs
 
 
 def _choose_resident(blocks, forced, res_tier, avail, depths):
     """(resident names, depth, None) of the preferred layout that fits, else (None, 0, cheapest).
 
-    Preference: the deepest prefetch, then the most embed/head blocks resident, then the
-    most layers resident from the first one. ``cheapest`` = (device bytes, slots, slot bytes).
+    Preference: the deepest prefetch, then the most embed/head blocks resident, then the most
+    layers resident from the first one. ``cheapest`` = (device bytes, slots, slot bytes).
     """
     fixed_res = [b for b in blocks if forced.get(b.name) == res_tier]
     fixed_str = [b.nbytes for b in blocks if forced.get(b.name, res_tier) != res_tier]
     others = [b for b in blocks if b.name not in forced and b.kind != "layer"]
     layers = [b for b in blocks if b.name not in forced and b.kind == "layer"]
-    sizes = [b.nbytes for b in layers]
-    base = sum(b.nbytes for b in fixed_res)
+    sizes, base = [b.nbytes for b in layers], sum(b.nbytes for b in fixed_res)
     subsets = [s for k in range(len(others), -1, -1) for s in itertools.combinations(others, k)]
     cheapest = None
     for depth in depths:
@@ -440,54 +385,46 @@ def _choose_resident(blocks, forced, res_tier, avail, depths):
             costs = _prefix_costs(base + sum(b.nbytes for b in subset), streamed, sizes, depth)
             fits = [r for r, c in enumerate(costs) if c <= avail]
             if fits:
-                chosen = fixed_res + list(subset) + layers[: max(fits)]
-                return {b.name for b in chosen}, depth, None
+                return {b.name for b in fixed_res + list(subset) + layers[: max(fits)]}, depth, None
             r = costs.index(min(costs))
             if cheapest is None or costs[r] < cheapest[0]:
                 tail = streamed + sizes[r:]
-                cheapest = (costs[r], min(depth + 1, len(tail)), max(tail, default=0))
+                cheapest = (costs[r], _nslots(tail, depth), max(tail, default=0))
     return None, 0, cheapest
 
 
-def _needed_budget(device: str, x: int) -> int:
-    """Smallest device budget B with B - overhead(B) >= x."""
-    if device == "cpu":
-        return x + CPU_OVERHEAD
-    return max(x + CUDA_MIN_OVERHEAD, -(-x * CUDA_OVERHEAD_DIVISOR // (CUDA_OVERHEAD_DIVISOR - 1)))
-
-
-def _too_small(device, budget, kv, act, cheapest, how) -> PlanError:
+def _too_small(device: str, budget: int, kv: int, act: int, cheapest: tuple, how: str) -> PlanError:
     weights, nslots, slot = cheapest
-    needed = _needed_budget(device, kv + act + weights)
+    x = kv + act + weights     # the smallest budget B with B - overhead(B) >= x:
+    needed = x + CPU_OVERHEAD if device == "cpu" else \
+        max(x + CUDA_MIN_OVERHEAD, -(-x * CUDA_OVERHEAD_DIVISOR // (CUDA_OVERHEAD_DIVISOR - 1)))
     what = "GPU memory budget" if device == "cuda" else "RAM budget (device cpu)"
     parts = [f"resident blocks {fmt_bytes(weights - nslots * slot)}"]
     parts += [f"{nslots} stream slot{'s' * (nslots > 1)} x {fmt_bytes(slot)}"] if nslots else []
-    parts += [f"KV cache {fmt_bytes(kv)}", f"activations {fmt_bytes(act)}",
-              f"overhead {fmt_bytes(needed - kv - act - weights)}"]
+    parts += [f"KV cache {fmt_bytes(kv)}", f"activations {fmt_bytes(act)}", f"overhead {fmt_bytes(needed - x)}"]
     return PlanError(f"the {what} of {fmt_bytes(budget)} is too small {how}: at least "
-                     f"{fmt_bytes(needed)} is needed ({', '.join(parts)})", needed=needed, budget=budget)
+                     f"{fmt_bytes(needed)} is needed ({', '.join(parts)})", needed, budget)
 
 
 def _offload_tiers(blocks, forced, resident, device, budgets, depth) -> tuple[str, ...]:
     """Home tier of every block: resident, else pinned RAM up to its budget (cuda), then disk."""
-    res_tier = "gpu" if device == "cuda" else "cpu"
-    tiers = [res_tier if b.name in resident else forced.get(b.name) for b in blocks]
+    tiers = [("gpu" if device == "cuda" else "cpu") if b.name in resident else forced.get(b.name) for b in blocks]
     if device == "cpu":
         tiers = [t or "disk" for t in tiers]
     else:
-        _fill_host(blocks, tiers, budgets.cpu, _slot_cost([b.nbytes for b, t in zip(blocks, tiers)
-                                                           if t != "gpu"], depth))
+        streamed = [b.nbytes for b in blocks if b.name not in resident]
+        _fill_host(blocks, tiers, budgets.cpu, _nslots(streamed, depth) * max(streamed, default=0))
     disk = sum(b.nbytes for b, t in zip(blocks, tiers) if t == "disk")
     if budgets.disk is not None and disk > budgets.disk:
         raise PlanError(f"the disk budget of {fmt_bytes(budgets.disk)} is too small: {fmt_bytes(disk)} "
-                        "of blocks must live on disk", needed=disk, budget=budgets.disk, resource="disk")
+                        "of blocks must live on disk", disk, budgets.disk, "disk")
     return tuple(tiers)
 
 
 def _fill_host(blocks, tiers: list, budget: int, staging: int) -> None:
-    """Put unplaced streamed blocks (tier None) in pinned RAM, first fit in order, else on disk.
+    """Give unplaced streamed blocks (tier None) pinned RAM, first fit in order, else disk.
 
-    When anything lives on disk, ``staging`` bytes of pinned RAM are kept for the reads.
+    When anything lives on disk, ``staging`` bytes of pinned RAM are kept for its reads.
     """
     host = sum(b.nbytes for b, t in zip(blocks, tiers) if t == "cpu")
     wanted = host + sum(b.nbytes for b, t in zip(blocks, tiers) if t is None)
@@ -495,27 +432,20 @@ def _fill_host(blocks, tiers: list, budget: int, staging: int) -> None:
     if host > cap or cap < 0:
         needed = host + budget - cap
         raise PlanError(f"the pinned host RAM budget of {fmt_bytes(budget)} is too small: at least "
-                        f"{fmt_bytes(needed)} is needed ({fmt_bytes(host)} of blocks placed on 'cpu', "
-                        f"{fmt_bytes(budget - cap)} of staging for disk reads)",
-                        needed=needed, budget=budget, resource="cpu")
+                        f"{fmt_bytes(needed)} is needed ({fmt_bytes(host)} of blocks on 'cpu', "
+                        f"{fmt_bytes(budget - cap)} of staging for disk reads)", needed, budget, "cpu")
     for i, b in enumerate(blocks):
         if tiers[i] is None:
             tiers[i] = "cpu" if host + b.nbytes <= cap else "disk"
             host += b.nbytes if tiers[i] == "cpu" else 0
 
 
-def _staging(blocks, tiers, device, depth) -> int:
-    """Pinned staging buffers for disk -> host -> GPU: one per slot, each one slot wide."""
-    if device != "cuda" or "disk" not in tiers:
-        return 0
-    return _slot_cost([b.nbytes for b, t in zip(blocks, tiers) if t != "gpu"], depth)
-
-
 # -- the table ---------------------------------------------------------------------------
 def _groups(p: Placement) -> list[tuple[str, str, list[int]]]:
+    """(label, tier, sizes) rows; consecutive blocks of one tier and kind become one range."""
     rows: list[tuple[list[str], str, str, list[int]]] = []
     for b, t in zip(p.blocks, p.tiers):
-        if rows and rows[-1][1] == t and rows[-1][2] == b.kind:
+        if rows and rows[-1][1:3] == (t, b.kind):
             rows[-1][0].append(b.name)
             rows[-1][3].append(b.nbytes)
         else:
@@ -524,20 +454,18 @@ def _groups(p: Placement) -> list[tuple[str, str, list[int]]]:
 
 
 def _range_label(names: list[str]) -> str:
+    first, last = (re.fullmatch(r"(.*?)(\d+)", n) for n in (names[0], names[-1]))
     if len(names) == 1:
         return names[0]
-    first, last = re.fullmatch(r"(.*?)(\d+)", names[0]), re.fullmatch(r"(.*?)(\d+)", names[-1])
-    if first and last and first.group(1) == last.group(1):
-        return f"{names[0]}-{last.group(2)}"
-    return f"{names[0]}..{names[-1]}"
+    return f"{names[0]}-{last.group(2)}" if first and last and first.group(1) == last.group(1) \
+        else f"{names[0]}..{names[-1]}"
 
 
 def _size_text(sizes: list[int]) -> str:
     if len(sizes) == 1:
         return fmt_bytes(sizes[0])
-    if len(set(sizes)) == 1:
-        return f"{len(sizes)} x {fmt_bytes(sizes[0])} = {fmt_bytes(sum(sizes))}"
-    return f"{len(sizes)} blocks, {fmt_bytes(sum(sizes))}"
+    each = f"{len(sizes)} x {fmt_bytes(sizes[0])}" if len(set(sizes)) == 1 else f"{len(sizes)} blocks"
+    return f"{each} = {fmt_bytes(sum(sizes))}"
 
 
 def _secs(s: float) -> str:
@@ -549,16 +477,13 @@ def _rate(x: float) -> str:
 
 
 def _render(p: Placement) -> str:
-    wl, b = p.workload, p.budgets
-    total = sum(x.nbytes for x in p.blocks)
-    lines = [f"Placement on {p.device}: {len(p.blocks)} blocks, {fmt_bytes(total)}, "
-             f"prefetch depth {p.prefetch_depth}",
-             f"  {'block':<22}{'tier':<6}{'home':<10}size"]
+    wl, b, by = p.workload, p.budgets, p.bytes_by_tier()
+    lines = [f"Placement on {p.device}: {len(p.blocks)} blocks, {fmt_bytes(sum(by.values()))}, "
+             f"prefetch depth {p.prefetch_depth}", f"  {'block':<22}{'tier':<6}{'home':<10}size"]
     for label, tier, sizes in _groups(p):
         home = "resident" if tier == p.compute_tier else "streamed"
         lines.append(f"  {label:<22}{tier:<6}{home:<10}{_size_text(sizes)}")
-    dev = "GPU" if p.device == "cuda" else "RAM"
-    lines += [f"Device memory ({dev}):",
+    lines += [f"Device memory ({'GPU' if p.device == 'cuda' else 'RAM'}):",
               f"  resident blocks   {fmt_bytes(p.resident_bytes)}",
               f"  stream slots      {p.slots} x {fmt_bytes(p.slot_bytes)} = {fmt_bytes(p.slots * p.slot_bytes)}",
               f"  KV cache          {fmt_bytes(p.kv_budget)} (batch {wl.batch} x {wl.context} tokens)",
@@ -566,11 +491,10 @@ def _render(p: Placement) -> str:
               f"  overhead          {fmt_bytes(p.overhead)}",
               f"  total             {fmt_bytes(p.device_bytes)} of {fmt_bytes(b.device)} budget"]
     if p.device == "cuda":
-        lines.append(f"Pinned host RAM: {fmt_bytes(p.bytes_by_tier()['cpu'])} blocks + "
-                     f"{fmt_bytes(p.staging_bytes)} disk staging of {fmt_bytes(b.cpu)} budget")
-    limit = "unlimited" if b.disk is None else fmt_bytes(b.disk)
-    lines.append(f"Disk: {fmt_bytes(p.disk_bytes)} of {limit} budget")
-    lines += [f"Predicted (batch {wl.batch}, prompt {wl.prompt}):",
+        lines.append(f"Pinned host RAM: {fmt_bytes(by['cpu'])} blocks + {fmt_bytes(p.staging_bytes)} "
+                     f"disk staging of {fmt_bytes(b.cpu)} budget")
+    lines += [f"Disk: {fmt_bytes(by['disk'])} of {'unlimited' if b.disk is None else fmt_bytes(b.disk)} budget",
+              f"Predicted (batch {wl.batch}, prompt {wl.prompt}):",
               f"  decode   {_rate(p.decode_tok_s)} tok/s  ({_secs(p.decode_s)}/step: transfer "
               f"{_secs(p.transfer_s)}, compute {_secs(p.compute_s)}; bound by {p.decode_bound})",
               f"  prefill  {_rate(p.prefill_tok_s)} tok/s  ({_secs(p.prefill_s)}/prompt: transfer "

@@ -100,19 +100,29 @@ def test_host_budget_too_small_for_staging():
 
 
 def test_finite_disk_budget():
-    p = plan(model(), Budgets(10 * GiB, 0, disk=20 * GiB), BW, NO_KV, mode="disk")
+    p = plan(model(), Budgets(10 * GiB, 3 * GiB, disk=20 * GiB), BW, NO_KV, mode="disk")
     assert p.disk_bytes == 10 * GiB
     with pytest.raises(PlanError, match="disk budget") as info:
         plan(model(), Budgets(10 * GiB, 0, disk=3 * GiB), BW, NO_KV, device="cpu")
     assert info.value.resource == "disk"
 
 
-def test_huge_embed_is_streamed_when_it_cannot_stay():
-    blocks = model(n_layers=4, layer=GiB, embed=6 * GiB, head=GiB)
-    # 5 GiB budget -> 4.5 GiB usable; embed resident (6) never fits
-    p = plan(blocks, Budgets(5 * GiB, 100 * GiB), BW, NO_KV)
-    assert tiers(p)["embed"] == "cpu"
-    assert p.slot_bytes == 6 * GiB if p.slots else True
+def test_embed_and_head_streamed_when_nothing_else_fits():
+    # 4 GiB usable: {embed, head} resident + 2 slots = 6; embed resident + 2 slots of the 2 GiB
+    # head = 6; only everything streamed at depth 1 fits: 2 slots x 2 GiB = 4.
+    blocks = model(n_layers=4, layer=GiB, embed=2 * GiB, head=2 * GiB)
+    p = plan(blocks, Budgets(4 * GiB + 512 * MiB, 100 * GiB), BW, NO_KV)
+    assert set(p.tiers) == {"cpu"}
+    assert (p.prefetch_depth, p.slots, p.slot_bytes) == (1, 2, 2 * GiB)
+    check_budgets(p)
+
+
+def test_embed_kept_resident_before_layers():
+    # 5 GiB usable with a 3 GiB embed: embed resident + 2 slots of 1 GiB, head streamed
+    blocks = model(n_layers=4, layer=GiB, embed=3 * GiB, head=GiB)
+    p = plan(blocks, Budgets(5 * GiB + 512 * MiB, 100 * GiB), BW, NO_KV)
+    t = tiers(p)
+    assert t["embed"] == "gpu" and t["head"] == "cpu" and p.prefetch_depth == 1
     check_budgets(p)
 
 
@@ -245,7 +255,7 @@ def test_explicit_depth_is_honoured():
 
 
 def test_slots_capped_by_streamed_blocks():
-    p = plan(model(), Budgets(12 * GiB, 100 * GiB), BW, NO_KV, mode={"layers.9": "cpu"})
+    p = plan(model(), Budgets(14 * GiB, 100 * GiB), BW, NO_KV, mode={"layers.9": "cpu"})
     assert p.streamed() == ["layers.9"] and p.slots == 1
 
 

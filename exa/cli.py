@@ -1,0 +1,209 @@
+"""The ``exa`` command line: parse arguments, forward them to the library, format the results.
+
+    exa run [MODEL] --prompt "The capital of France is"     # stream text to stdout
+    exa plan [MODEL] --device cuda --max-gpu-memory 24GiB    # placement table, no weights read
+
+MODEL is a local Hugging Face directory, a .gguf file or a hub id; left out, the embedded
+default model (SmolLM2-135M-Instruct) is used. Errors print ``exa: error: <message>`` and exit
+with status 2; set ``EXA_DEBUG=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct, the default model"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors in the same ``exa: error: ...`` form as every other error."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"exa: error: {message}\n")
+
+
+# -- argument types: check the text early, so that a typo fails before any loading -------------
+def _size(text: str) -> int:
+    from runtime.units import parse_size
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use bytes or a number with a unit, such as 24GiB, 512MiB or 24GB")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use cuda, cuda:N or cpu")
+    return text
+
+
+# -- the parser ----------------------------------------------------------------------------
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``plan``: where the model may live."""
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="local model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default="auto",
+                   help="auto: resident as much as fits, stream the rest; none: all resident; "
+                        "cpu / disk: stream every layer from that tier (default: auto)")
+    p.add_argument("--max-gpu-memory", type=_size, metavar="SIZE", help="VRAM budget, e.g. 24GiB")
+    p.add_argument("--max-cpu-memory", type=_size, metavar="SIZE",
+                   help="host RAM budget (on a CPU-only machine: for the whole model)")
+    p.add_argument("--max-disk", type=_size, metavar="SIZE", help="disk budget for offloaded blocks")
+    p.add_argument("--offload-dir", metavar="DIR", help="where on-disk blocks live (default ~/.cache/exa/offload)")
+    p.add_argument("--device", type=_device, metavar="DEVICE", help="cuda, cuda:N or cpu (default: cuda if present)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="compute dtype (default: bf16/fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--prefetch-depth", type=_count, metavar="N", help="blocks loaded ahead (default: planner's choice)")
+    p.add_argument("--max-context", type=_count, default=2048, metavar="N",
+                   help="longest sequence the KV cache is sized for (default 2048)")
+    p.add_argument("--batch-size", type=_count, default=1, metavar="N",
+                   help="largest batch the KV cache is sized for (default 1)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from exa import __version__
+    parser = _Parser(prog="exa", description="Run LLMs larger than GPU memory.")
+    parser.add_argument("--version", action="version", version=f"exa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="generate text, streamed to stdout",
+                         description="Load MODEL across GPU / RAM / disk and stream a continuation of "
+                                     "--prompt to stdout; a one-line summary goes to stderr.")
+    _placement_args(run)
+    run.add_argument("--prompt", required=True, help="the text to continue")
+    run.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="default 64")
+    run.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    run.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1 = off)")
+    run.add_argument("--top-k", type=int, default=0, metavar="K", help="top-k sampling (default 0 = off)")
+    run.add_argument("--seed", type=int, metavar="S", help="random seed for sampling")
+    run.add_argument("--stop", nargs="+", action="extend", metavar="STR", help="string(s) that end generation")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    run.add_argument("--show-plan", action="store_true", help="print the placement table to stderr first")
+    run.set_defaults(func=_cmd_run)
+
+    plan = sub.add_parser("plan", help="print where every block would live and the predicted tok/s",
+                          description="Plan MODEL's placement from its config alone (no weights are "
+                                      "read) and print the table with predicted tokens/s.")
+    _placement_args(plan)
+    plan.set_defaults(func=_cmd_plan)
+    return parser
+
+
+# -- commands: forward to the library --------------------------------------------------------
+def _dtype(name: str | None):
+    import torch
+    return getattr(torch, DTYPES[name]) if name else None
+
+
+def _cmd_run(args) -> None:
+    import exa
+    t0 = time.perf_counter()
+    llm = exa.Inference(args.model, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
+                        max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk,
+                        offload_dir=args.offload_dir, device=args.device, dtype=_dtype(args.dtype),
+                        prefetch_depth=args.prefetch_depth, max_context=args.max_context,
+                        batch_size=args.batch_size, progress=sys.stderr.isatty())
+    with llm:
+        llm.tokenizer                       # loaded lazily: count it as loading, not as generating
+        load_s = time.perf_counter() - t0
+        if args.show_plan:
+            print(llm.plan.table(), file=sys.stderr, flush=True)
+        pieces: list[str] = []
+        first_s = None
+        t1 = time.perf_counter()
+        for piece in llm.stream(args.prompt, args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                                chat=args.chat or None):
+            first_s = time.perf_counter() - t1 if first_s is None else first_s
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        gen_s = time.perf_counter() - t1
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        text = "".join(pieces)
+        # Inference.stream yields text, not tokens: count the tokens of the text it produced.
+        tokens = len(llm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        tokens = min(tokens, max(args.max_new_tokens, 0))
+    first = f"first token {first_s:.2f} s, " if first_s is not None else ""
+    print(f"exa: {tokens} tokens in {gen_s:.2f} s ({tokens / max(gen_s, 1e-9):.2f} tok/s; "
+          f"{first}load {load_s:.2f} s)", file=sys.stderr)
+
+
+def _cmd_plan(args) -> None:
+    import torch
+    from runtime.config import load_config
+    from runtime.engine import default_dtype, plan_model
+    config = load_config(args.model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _dtype(args.dtype) or default_dtype(config, device)
+    no_gpu = device.type == "cuda" and not torch.cuda.is_available()
+    _, _, _, placement = plan_model(
+        config, device=device, dtype=dtype, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
+        max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, prefetch_depth=args.prefetch_depth,
+        batch_size=args.batch_size, max_context=args.max_context, offload_dir=args.offload_dir,
+        bandwidths=None)
+    print(f"Model: {args.model or DEFAULT_MODEL_NAME} ({_describe(config)}), {str(dtype).replace('torch.', '')}")
+    print(placement.table())
+    if no_gpu:
+        print("note: no GPU on this machine: predicted speeds use typical GPU bandwidths, not measured ones")
+
+
+def _describe(config) -> str:
+    """E.g. "llama: 30 layers, hidden 576" (with the parts the config has)."""
+    layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
+    parts = ([f"{layers} layers"] if layers else []) + ([f"hidden {hidden}"] if hidden else [])
+    return f"{getattr(config, 'model_type', '?')}: {', '.join(parts) or 'shapes unknown'}"
+
+
+# -- entry point -----------------------------------------------------------------------------
+def _message(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, (ValueError, OSError, RuntimeError, ImportError)):
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text} (set EXA_DEBUG=1 for the traceback)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``exa`` command line with ``argv`` (default: ``sys.argv[1:]``).
+
+    Args:
+        argv: the arguments after the program name.
+
+    Returns:
+        0 on success. On an error, prints ``exa: error: <message>`` to stderr and raises
+        ``SystemExit(2)`` (``SystemExit(130)`` on Ctrl-C); with ``EXA_DEBUG=1`` the original
+        exception propagates with its traceback.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("\nexa: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if os.environ.get("EXA_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"exa: error: {_message(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
