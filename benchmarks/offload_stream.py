@@ -29,6 +29,9 @@ from runtime.units import fmt_bytes, parse_size  # noqa: E402
 from synth import LLAMA2_13B, llama_config, write_random_checkpoint  # noqa: E402
 
 
+LOGITS: list[torch.Tensor] = []      # logits of one fixed input, per run, to compare placements
+
+
 def timed_decode(engine, prompt_len: int, new_tokens: int) -> dict:
     """Prefill ``prompt_len`` random tokens, then ``new_tokens`` greedy steps; per-step timings."""
     ids = torch.randint(0, engine.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
@@ -56,6 +59,8 @@ def run_exa(path, **kw) -> tuple[dict, str]:
     llm = exa.Inference(str(path), device="cuda", **kw)
     load_s = time.perf_counter() - t
     r = timed_decode(llm.engine, ARGS.prompt, ARGS.tokens)
+    probe_ids = torch.randint(0, llm.engine.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    LOGITS.append(llm.logits(probe_ids))
     r["load_s"] = load_s
     r["peak_vram"] = torch.cuda.max_memory_allocated()
     table = llm.plan.table()
@@ -95,8 +100,28 @@ def run_accelerate(path, cap: int, tokens: int) -> dict:
     return r
 
 
+def pinned_h2d(nbytes: int, reps: int = 12) -> float:
+    """Best pinned host->GPU bandwidth over ``reps`` copies of ``nbytes`` (the size exa streams)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dev.copy_(host, non_blocking=True)
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3)
+    del host, dev
+    return nbytes / best
+
+
 def exa_part(path, cap, bw) -> dict:
     res = {}
+    layer_bytes = 605 * 2**20
+    res["pinned_h2d_GBps_block_copies"] = pinned_h2d(layer_bytes) / 1e9
+    bound = max(bw.h2d, res["pinned_h2d_GBps_block_copies"] * 1e9)
+    res["bound_h2d_GBps"] = bound / 1e9
     res["resident"], _ = run_exa(path, offload="none", progress=False)
     print("resident", {k: v for k, v in res["resident"].items() if k != "tokens"}, flush=True)
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
@@ -104,14 +129,18 @@ def exa_part(path, cap, bw) -> dict:
     print(res["plan_table"])
     s = res["streamed"]
     s["h2d_GBps_while_decoding"] = s["streamed_bytes_per_token"] / s["decode_s_per_token"] / 1e9
-    s["fraction_of_pinned_bw"] = s["h2d_GBps_while_decoding"] * 1e9 / bw.h2d
-    transfer = s["streamed_bytes_per_token"] / bw.h2d
+    s["fraction_of_pinned_bw"] = s["h2d_GBps_while_decoding"] * 1e9 / bound
+    transfer = s["streamed_bytes_per_token"] / bound
     compute = res["resident"]["decode_s_per_token"]
     res["overlap"] = {"transfer_s": transfer, "compute_s": compute, "streamed_s": s["decode_s_per_token"],
                       "sum_s": transfer + compute, "max_s": max(transfer, compute)}
     res["streamed_equals_resident_tokens"] = s["tokens"] == res["resident"]["tokens"]
+    res["tokens_equal_prefix"] = next((i for i, (a, b) in enumerate(zip(s["tokens"], res["resident"]["tokens"]))
+                                       if a != b), len(s["tokens"]))
+    res["logits_max_abs_diff_streamed_vs_resident"] = float((LOGITS[-1] - LOGITS[-2]).abs().max())
     print("streamed", {k: v for k, v in s.items() if k != "tokens"}, res["overlap"], flush=True)
     torch.cuda.set_per_process_memory_fraction(1.0)
+    res["pinned_h2d_GBps_after"] = pinned_h2d(layer_bytes) / 1e9
     return res
 
 

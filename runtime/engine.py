@@ -55,7 +55,10 @@ def act_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}") from e
     if dev.type not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -181,7 +184,6 @@ class Engine:
             store = DiskStore.open(root)
             if store.meta == meta:
                 return store
-        root.mkdir(parents=True, exist_ok=True)
         with DiskStoreWriter(root) as w:
             bar = tqdm(names, desc="writing disk blocks", unit="block", disable=not self.progress)
             for n in bar:

@@ -63,6 +63,16 @@ def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> to
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
+def _check_kv_budget(engine, batch: int, length: int) -> None:
+    """The KV cache must stay inside what the planner reserved (batch_size x max_context tokens)."""
+    wl = getattr(getattr(engine, "placement", None), "workload", None)
+    if wl is not None and batch * length > wl.batch * wl.context:
+        raise ValueError(
+            f"this request needs a KV cache for {batch} x {length} tokens, but the plan reserved "
+            f"{wl.batch} x {wl.context} (batch_size x max_context): load the model with a larger "
+            "max_context or batch_size, or ask for fewer tokens")
+
+
 def generate_steps(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                    sampling: Sampling, eos_ids: set[int], pad_id: int) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]``, CPU) each step.
@@ -83,6 +93,7 @@ def generate_steps(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
                          f"{longest + max_new_tokens} exceeds the {limit} positions this model has "
                          "(max_position_embeddings): shorten the prompt or ask for fewer tokens")
+    _check_kv_budget(engine, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
     if max_new_tokens == 0:
         return
     gen = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None

@@ -22,7 +22,7 @@ def test_logits_and_tokens_match_transformers(arch, tiny_models, tmp_path):
     with torch.no_grad():
         want = ref(ids).logits
         want_tokens = ref.generate(ids[:1], max_new_tokens=8, do_sample=False, min_new_tokens=8,
-                                   eos_token_id=None, pad_token_id=0)[:, ids.shape[1]:]
+                                   eos_token_id=None, pad_token_id=258)[:, ids.shape[1]:]
     for offload in ["none", "disk", {"layers.1": "disk", "layers.3": "disk", "head": "disk"}]:
         with exa.Inference(str(path), offload=offload, device=DEVICE, offload_dir=str(tmp_path),
                            progress=False) as llm:

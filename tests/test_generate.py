@@ -208,3 +208,17 @@ def test_chat_template_from_tokenizer_config(tiny_models, tmp_path):
     with _open(d, tmp_path / "off") as m:
         assert m.generate([{"role": "user", "content": "hi"}], max_new_tokens=6) == \
             m.generate("[user]hi\n[assistant]", max_new_tokens=6)
+
+
+def test_requests_beyond_the_planned_kv_cache_are_refused(tiny_models, tmp_path):
+    """The plan reserves batch_size x max_context KV tokens; a bigger request must not run past it."""
+    import exa
+    with exa.Inference(str(tiny_models("llama")), offload="none", device="cpu", max_context=32,
+                       batch_size=2, progress=False) as llm:
+        ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+        assert llm.generate_ids(ids, max_new_tokens=16).shape == (1, 16)           # exactly 32
+        assert llm.generate_ids(ids.repeat(4, 1), max_new_tokens=0).shape[0] == 4  # 64 = 2 x 32
+        with pytest.raises(ValueError, match="max_context"):
+            llm.generate_ids(ids, max_new_tokens=60)
+        with pytest.raises(ValueError, match="batch_size"):
+            llm.generate_ids(ids.repeat(3, 1), max_new_tokens=8)
