@@ -67,18 +67,28 @@ def _safe_open(path: Path):
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
 
 
-def open_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False) -> Checkpoint:
-    """Open a local directory, a .gguf file or a hub id."""
+def classify(model: str | os.PathLike) -> tuple[str, Path | str]:
+    """What a model reference is: ("gguf", file), ("dir", directory) or ("hub", repo id)."""
     path = Path(os.path.expanduser(str(model)))
     if path.is_file() and path.suffix == ".gguf":
-        return _open_gguf(path)
+        return "gguf", path
     if path.is_dir():
-        return _open_dir(path, trust_remote_code)
+        return "dir", path
     if path.exists():
         raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
     if _looks_like_hub_id(str(model)):
-        return _open_dir(_download(str(model)), trust_remote_code)
+        return "hub", str(model)
     raise CheckpointError(f"model path {str(model)!r} does not exist (and is not a hub id like 'org/name')")
+
+
+def open_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False) -> Checkpoint:
+    """Open a local directory, a .gguf file or a hub id."""
+    kind, where = classify(model)
+    if kind == "gguf":
+        return _open_gguf(where)
+    if kind == "hub":
+        where = _download(where)
+    return _open_dir(where, trust_remote_code)
 
 
 def _looks_like_hub_id(s: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runtime.checkpoint import CheckpointError, _load_config, _looks_like_hub_id
+from runtime.checkpoint import CheckpointError, _load_config, classify
 
 __all__ = ["load_config"]
 
@@ -33,16 +33,12 @@ def load_config(model: str | os.PathLike | None = None, trust_remote_code: bool 
     if model is None:
         from runtime.assets import default_model
         model = default_model()
-    path = Path(os.path.expanduser(str(model)))
-    if path.is_file() and path.suffix == ".gguf":
-        return _gguf_config(path)
-    if path.is_dir():
-        return _load_config(path, trust_remote_code)
-    if path.exists():
-        raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
-    if _looks_like_hub_id(str(model)):
-        return _hub_config(str(model), trust_remote_code)
-    raise CheckpointError(f"model path {str(model)!r} does not exist (and is not a hub id like 'org/name')")
+    kind, where = classify(model)
+    if kind == "gguf":
+        return _gguf_config(where)
+    if kind == "hub":
+        return _hub_config(where, trust_remote_code)
+    return _load_config(where, trust_remote_code)
 
 
 def _gguf_config(path: Path):
