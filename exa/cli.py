@@ -124,23 +124,18 @@ def _cmd_run(args) -> None:
         load_s = time.perf_counter() - t0
         if args.show_plan:
             print(llm.plan.table(), file=sys.stderr, flush=True)
-        pieces: list[str] = []
         first_s = None
         t1 = time.perf_counter()
         for piece in llm.stream(args.prompt, args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
                                 chat=args.chat or None):
             first_s = time.perf_counter() - t1 if first_s is None else first_s
-            pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         gen_s = time.perf_counter() - t1
         sys.stdout.write("\n")
         sys.stdout.flush()
-        text = "".join(pieces)
-        # Inference.stream yields text, not tokens: count the tokens of the text it produced.
-        tokens = len(llm.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
-        tokens = min(tokens, max(args.max_new_tokens, 0))
+        tokens = llm.last_stats["new_tokens"] if llm.last_stats else 0
     first = f"first token {first_s:.2f} s, " if first_s is not None else ""
     print(f"exa: {tokens} tokens in {gen_s:.2f} s ({tokens / max(gen_s, 1e-9):.2f} tok/s; "
           f"{first}load {load_s:.2f} s)", file=sys.stderr)

@@ -1,6 +1,7 @@
 """The public entry point: ``exa.Inference``."""
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import torch
@@ -72,6 +73,9 @@ class Inference:
             tok.padding_side = "left"
             self._tokenizer = tok
         return self._tokenizer
+
+    last_stats: dict | None = None
+    """After a text generation: prompt_tokens, new_tokens, first_token_s, total_s (all prompts)."""
 
     @property
     def plan(self):
@@ -208,7 +212,13 @@ class Inference:
         texts = [""] * len(prompts)
         steps = generate_steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                Sampling(temperature, top_k, top_p, seed), eos_ids, self.tokenizer.pad_token_id)
+        t0 = time.perf_counter()
+        self.last_stats = {"prompt_tokens": int(enc["attention_mask"].sum()), "new_tokens": 0,
+                           "first_token_s": None, "total_s": 0.0}
         for nxt in steps:
+            st = self.last_stats
+            st["total_s"] = time.perf_counter() - t0
+            st["first_token_s"] = st["total_s"] if st["first_token_s"] is None else st["first_token_s"]
             for i, t in enumerate(nxt.tolist()):
                 if finished[i]:
                     continue
@@ -216,6 +226,7 @@ class Inference:
                     finished[i] = True
                     continue
                 new[i].append(t)
+                st["new_tokens"] += 1
                 texts[i] = self.tokenizer.decode(new[i], skip_special_tokens=True)
                 cut = min((texts[i].find(s) for s in stops if s in texts[i]), default=-1)
                 if cut >= 0:

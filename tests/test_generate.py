@@ -222,3 +222,12 @@ def test_requests_beyond_the_planned_kv_cache_are_refused(tiny_models, tmp_path)
             llm.generate_ids(ids, max_new_tokens=60)
         with pytest.raises(ValueError, match="batch_size"):
             llm.generate_ids(ids.repeat(3, 1), max_new_tokens=8)
+
+
+def test_last_stats_count_the_generated_tokens(tiny_models):
+    import exa
+    with exa.Inference(str(tiny_models("llama")), offload="none", device="cpu", progress=False) as llm:
+        llm.generate(["ab", "abcd"], max_new_tokens=5)
+        st = llm.last_stats
+        assert st["prompt_tokens"] == 6 and st["new_tokens"] <= 10 and st["new_tokens"] > 0
+        assert 0 < st["first_token_s"] <= st["total_s"]
