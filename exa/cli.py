@@ -149,11 +149,11 @@ def _cmd_plan(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype) or default_dtype(config, device)
     no_gpu = device.type == "cuda" and not torch.cuda.is_available()
-    _, _, _, placement = plan_model(
+    placement = plan_model(
         config, device=device, dtype=dtype, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, prefetch_depth=args.prefetch_depth,
         batch_size=args.batch_size, max_context=args.max_context, offload_dir=args.offload_dir,
-        bandwidths=None)
+        bandwidths=None).placement
     print(f"Model: {args.model or DEFAULT_MODEL_NAME} ({_describe(config)}), {str(dtype).replace('torch.', '')}")
     print(placement.table())
     if no_gpu:

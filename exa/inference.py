@@ -10,6 +10,7 @@ from runtime.assets import default_model
 from runtime.checkpoint import open_checkpoint
 from runtime.engine import Engine
 from runtime.generate import Sampling, generate_steps
+from runtime.quant.spec import spec_from_name
 from runtime.units import parse_size
 
 Prompt = str | list[dict]
@@ -36,13 +37,19 @@ class Inference:
         max_context: longest sequence (prompt + new tokens) the KV-cache budget is sized for.
         batch_size: largest batch the KV-cache budget is sized for.
         progress: show progress bars while loading.
+        quantize: quantize the weights while loading, block by block ("int4", "int3", "int2",
+            "int8" (LLM.int8-style), "nf4", "fp4", or a runtime.quant.QuantSpec); an exa
+            checkpoint saved by ``exa.Quantize`` is already quantized and needs nothing here.
+        group_size: quantization group size (default 128 for int formats, 64 for nf4/fp4).
+        skip_modules: linear layers left unquantized (names or fnmatch patterns).
     """
 
     def __init__(self, model: str | None = None, offload="auto", *, max_gpu_memory=None,
                  max_cpu_memory=None, max_disk=None, offload_dir: str | None = None,
                  device: str | None = None, dtype: torch.dtype | None = None,
                  prefetch_depth: int | None = None, max_context: int = 2048, batch_size: int = 1,
-                 progress: bool = True, trust_remote_code: bool = False):
+                 progress: bool = True, trust_remote_code: bool = False, quantize=None,
+                 group_size: int | None = None, skip_modules=("lm_head",)):
         for name, size in (("max_gpu_memory", max_gpu_memory), ("max_cpu_memory", max_cpu_memory),
                            ("max_disk", max_disk)):
             if size is not None:
@@ -53,7 +60,8 @@ class Inference:
                              max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
                              max_disk=max_disk, offload_dir=offload_dir, prefetch_depth=prefetch_depth,
                              batch_size=batch_size, max_context=max_context, progress=progress,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code,
+                             quant=spec_from_name(quantize, group_size=group_size), skip_modules=skip_modules)
         self._tokenizer_kwargs = ckpt.tokenizer_kwargs
         self._generation_configs = [ckpt.generation_config,
                                     getattr(self.engine.model, "generation_config", None)]

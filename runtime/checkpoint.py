@@ -127,6 +127,9 @@ def _load_config(path: Path, trust_remote_code: bool):
 
 def _open_dir(path: Path, trust_remote_code: bool) -> Checkpoint:
     config = _load_config(path, trust_remote_code)
+    from runtime.qcheckpoint import ExaCheckpoint, is_exa_checkpoint
+    if is_exa_checkpoint(path):
+        return ExaCheckpoint(path, config)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = _read_index(index)

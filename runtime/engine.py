@@ -12,6 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -20,7 +21,7 @@ from runtime import hardware, planner
 from runtime.checkpoint import Checkpoint
 from runtime.executor import Executor
 from runtime.loader import (BlockDef, assign_layouts, build_skeleton, define_blocks, move_buffers,
-                            pack_block, resolve_sources)
+                            pack_block, quantize_skeleton, resolve_sources)
 from runtime.prefetch import Prefetcher, Source
 from runtime.tiers.disk import DiskStore, DiskStoreWriter
 from runtime.tiers.gpu import GpuTier
@@ -76,15 +77,28 @@ def _mode(offload):
     return offload
 
 
+class Planned(NamedTuple):
+    model: torch.nn.Module
+    arch: object
+    blocks: list
+    placement: planner.Placement
+    qmods: dict               # quantized modules: name -> (QuantLinear, transposed)
+
+
 def plan_model(config, *, device: torch.device, dtype: torch.dtype, offload="auto", max_gpu_memory=None,
                max_cpu_memory=None, max_disk=None, prefetch_depth=None, batch_size=1, max_context=2048,
-               offload_dir=None, bandwidths: planner.Bandwidths | None = None, trust_remote_code=False):
+               offload_dir=None, bandwidths: planner.Bandwidths | None = None, trust_remote_code=False,
+               quant=None, skip_modules=("lm_head",)) -> Planned:
     """Skeleton, blocks (with layouts) and the Placement for ``config``; reads no weights.
+
+    ``quant`` (a QuantSpec) swaps the linear layers, except ``skip_modules``, for QuantLinear,
+    so blocks are sized, placed and streamed as packed quantized bytes.
 
     Budgets default to what this machine has free (92% of free VRAM, 70% of available RAM for
     pinned blocks; on a CPU-only machine 80% of available RAM for the model).
     """
     model, arch = build_skeleton(config, trust_remote_code)
+    qmods = quantize_skeleton(model, quant, skip_modules) if quant is not None else {}
     blocks = define_blocks(model, arch)
     assign_layouts(model, blocks, dtype)
     have_device = device.type == "cpu" or torch.cuda.is_available()
@@ -109,7 +123,7 @@ def plan_model(config, *, device: torch.device, dtype: torch.dtype, offload="aut
     specs = [planner.BlockSpec(b.name, b.nbytes, b.kind, 2.0 * b.numel) for b in blocks]
     placement = planner.plan(specs, planner.Budgets(dev_budget, cpu_budget, disk_budget), bw, wl,
                              device=device.type, mode=_mode(offload), prefetch_depth=prefetch_depth)
-    return model, arch, blocks, placement
+    return Planned(model, arch, blocks, placement, qmods)
 
 
 class Engine:
@@ -119,17 +133,26 @@ class Engine:
                  offload="auto", max_gpu_memory=None, max_cpu_memory=None, max_disk=None,
                  offload_dir: str | None = None, prefetch_depth: int | None = None,
                  batch_size: int = 1, max_context: int = 2048, progress: bool = True,
-                 trust_remote_code: bool = False, bandwidths: planner.Bandwidths | None = None):
+                 trust_remote_code: bool = False, bandwidths: planner.Bandwidths | None = None,
+                 quant=None, skip_modules=("lm_head",)):
         self.ckpt, self.config, self.progress = ckpt, ckpt.config, progress
+        stored = getattr(ckpt, "quant", None)           # an exa checkpoint is already quantized
+        if stored is not None:
+            if quant is not None and quant != stored:
+                raise ValueError(f"{ckpt.root} is already quantized ({stored.name}); "
+                                 f"it cannot be re-quantized as {quant.name}")
+            quant, skip_modules = stored, ckpt.skip_modules
+        self.quant = quant
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.config, self.device)
-        self.model, arch, self.blocks, self.placement = plan_model(
+        self.model, arch, self.blocks, self.placement, qmods = plan_model(
             self.config, device=self.device, dtype=self.dtype, offload=offload,
             max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, max_disk=max_disk,
             prefetch_depth=prefetch_depth, batch_size=batch_size, max_context=max_context,
-            offload_dir=offload_dir, bandwidths=bandwidths, trust_remote_code=trust_remote_code)
+            offload_dir=offload_dir, bandwidths=bandwidths, trust_remote_code=trust_remote_code,
+            quant=quant, skip_modules=skip_modules)
         self.layers = self.model.get_submodule(arch.layers)
-        resolve_sources(self.model, self.blocks, ckpt)
+        resolve_sources(self.model, self.blocks, ckpt, qmods)
         self._offload_dir = offload_dir
         move_buffers(self.model, self.device)
         self.executor = self._materialise()
@@ -177,6 +200,7 @@ class Engine:
     def _disk_store(self, names: list[str]) -> DiskStore:
         """The on-disk block store for ``names``: reused when complete and matching, else written once."""
         meta = {"version": STORE_VERSION, "source": self.ckpt.fingerprint(), "dtype": str(self.dtype),
+                "quant": self.quant.to_json() if self.quant is not None else None,
                 "layouts": {n: self._block(n).layout.to_json() for n in names}}
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         root = Path(self._offload_dir_path()) / digest

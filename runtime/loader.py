@@ -24,6 +24,8 @@ class BlockDef:
     params: list[tuple[str, nn.Module, str]]    # (full name, owning module, attribute)
     layout: Layout | None = None
     sources: dict[str, str] = field(default_factory=dict)   # full name -> checkpoint key
+    # quantized on the fly: module name -> (checkpoint key of its float weight, spec, transposed)
+    derived: dict[str, tuple[str, object, bool]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -44,6 +46,12 @@ def build_skeleton(config, trust_remote_code: bool = False) -> tuple[nn.Module, 
     model.eval()
     model.requires_grad_(False)
     return model, arch
+
+
+def quantize_skeleton(model: nn.Module, spec, skip=("lm_head",)) -> dict[str, tuple[nn.Module, bool]]:
+    """Swap the skeleton's linear layers for QuantLinear (meta); {module name: (module, transposed)}."""
+    from runtime.quant.linear import swap_linears
+    return swap_linears(model, spec, skip=tuple(skip), device="meta")
 
 
 def define_blocks(model: nn.Module, arch: Arch) -> list[BlockDef]:
@@ -72,29 +80,50 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
         return False
 
 
-def resolve_sources(model: nn.Module, blocks: list[BlockDef], ckpt: Checkpoint) -> None:
-    """Map each parameter to its checkpoint key (prefix quirks, tied embeddings)."""
+def resolve_sources(model: nn.Module, blocks: list[BlockDef], ckpt: Checkpoint,
+                    qmods: dict[str, tuple[nn.Module, bool]] | None = None) -> None:
+    """Map each parameter to its checkpoint key (prefix quirks, renames, tied embeddings).
+
+    A QuantLinear's packed tensors come straight from the checkpoint when it has them (an exa
+    quantized checkpoint); otherwise they are derived from the float weight, quantized at load.
+    """
+    find = _key_finder(model, ckpt)
+    qmods = qmods or {}
+    for b in blocks:
+        for name, _, attr in b.params:
+            owner = name.rpartition(".")[0]
+            key = find(name)
+            if key is None and owner in qmods and attr != "bias":
+                wkey = find(f"{owner}.weight")
+                if wkey is not None:
+                    module, transposed = qmods[owner]
+                    b.derived[owner] = (wkey, module.spec, transposed)
+                    continue
+            if key is None:
+                raise CheckpointError(f"weight {name!r} is missing from the checkpoint at {ckpt.root}")
+            b.sources[name] = key
+
+
+def _key_finder(model: nn.Module, ckpt: Checkpoint):
     keys = ckpt.keys()
     renamed = _legacy_names(model, keys)          # e.g. GPT-NeoX "embed_out." -> "lm_head."
     prefix = getattr(model, "base_model_prefix", "") or ""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     tied = tied if isinstance(tied, dict) and getattr(model.config, "tie_word_embeddings", False) else {}
-    for b in blocks:
-        for name, _, _ in b.params:
-            cands = [name]
-            if prefix and name.startswith(prefix + "."):
-                cands.append(name[len(prefix) + 1:])
-            elif prefix:
-                cands.append(f"{prefix}.{name}")
-            if name in tied:
-                cands.append(tied[name])
-                if prefix and tied[name].startswith(prefix + "."):
-                    cands.append(tied[name][len(prefix) + 1:])
-            key = next((c for c in cands if c in keys), None) or next(
-                (renamed[c] for c in cands if c in renamed), None)
-            if key is None:
-                raise CheckpointError(f"weight {name!r} is missing from the checkpoint at {ckpt.root}")
-            b.sources[name] = key
+
+    def find(name: str) -> str | None:
+        cands = [name]
+        if prefix and name.startswith(prefix + "."):
+            cands.append(name[len(prefix) + 1:])
+        elif prefix:
+            cands.append(f"{prefix}.{name}")
+        if name in tied:
+            cands.append(tied[name])
+            if prefix and tied[name].startswith(prefix + "."):
+                cands.append(tied[name][len(prefix) + 1:])
+        return next((c for c in cands if c in keys), None) or next(
+            (renamed[c] for c in cands if c in renamed), None)
+    return find
 
 
 def _legacy_names(model: nn.Module, keys: set[str]) -> dict[str, str]:
@@ -116,19 +145,41 @@ def _legacy_names(model: nn.Module, keys: set[str]) -> dict[str, str]:
 
 
 def assign_layouts(model: nn.Module, blocks: list[BlockDef], dtype: torch.dtype) -> None:
-    """Layouts from the skeleton's shapes; floating tensors are stored in ``dtype``."""
+    """Layouts from the skeleton's shapes; floating weights are stored in ``dtype``.
+
+    A quantized layer's packed tensors (codes, scales, absmax...) keep the dtype their format
+    defines; its bias is a plain weight.
+    """
     for b in blocks:
         specs = []
         for name, module, attr in b.params:
             p = getattr(module, attr)
-            specs.append((name, dtype if p.dtype.is_floating_point else p.dtype, tuple(p.shape)))
+            packed = hasattr(module, "spec") and attr != "bias"
+            keep = packed or not p.dtype.is_floating_point
+            specs.append((name, p.dtype if keep else dtype, tuple(p.shape)))
         b.layout = plan_layout(specs)
 
 
-def pack_block(ckpt: Checkpoint, block: BlockDef, out: torch.Tensor | None = None) -> torch.Tensor:
+def _quantize_weight(ckpt: Checkpoint, owner: str, wkey: str, spec, transposed: bool, on_quantized):
+    """RTN-quantize one float weight from the checkpoint: {owner.packed_name: tensor}."""
+    from runtime.quant import module_for
+    w = ckpt.get(wkey)
+    w = (w.t() if transposed else w).float().contiguous()       # [N, K]
+    packed = module_for(spec).quantize(w, spec)
+    if on_quantized is not None:
+        on_quantized(owner, w, packed, spec)
+    return {f"{owner}.{k}": v for k, v in packed.items()}
+
+
+def pack_block(ckpt: Checkpoint, block: BlockDef, out: torch.Tensor | None = None,
+               on_quantized=None) -> torch.Tensor:
     """Read one block's tensors from the checkpoint into one aligned uint8 buffer (CPU)."""
     tensors = {}
+    for owner, (wkey, spec, transposed) in block.derived.items():
+        tensors.update(_quantize_weight(ckpt, owner, wkey, spec, transposed, on_quantized))
     for name, _, _ in block.params:
+        if name in tensors:
+            continue
         t = ckpt.get(block.sources[name])
         expected = next(e.shape for e in block.layout.entries if e.name == name)
         if tuple(t.shape) != expected:
