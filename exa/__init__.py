@@ -4,7 +4,8 @@
     llm = exa.Inference("path/or/hub-id", offload="auto")
     print(llm.generate("Once upon a time", max_new_tokens=64))
 """
-from exa.inference import Inference
+from exa.inference import Inference, perplexity
+from exa.quantize import Quantize
 
-__all__ = ["Inference"]
+__all__ = ["Inference", "Quantize", "perplexity"]
 __version__ = "0.1.0"

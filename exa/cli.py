@@ -17,6 +17,7 @@ import time
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
+QUANT_TYPES = ("int4", "int3", "int2", "int8", "nf4", "fp4")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct, the default model"
 
 
@@ -74,6 +75,8 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    help="longest sequence the KV cache is sized for (default 2048)")
     p.add_argument("--batch-size", type=_count, default=1, metavar="N",
                    help="largest batch the KV cache is sized for (default 1)")
+    p.add_argument("--quantize", choices=QUANT_TYPES, help="quantize the weights while loading (RTN)")
+    p.add_argument("--group-size", type=int, metavar="G", help="quantization group size (default 128; nf4/fp4 64)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +105,31 @@ def _parser() -> argparse.ArgumentParser:
                                       "read) and print the table with predicted tokens/s.")
     _placement_args(plan)
     plan.set_defaults(func=_cmd_plan)
+
+    ppl = sub.add_parser("ppl", help="perplexity of MODEL on a text file",
+                         description="Sliding-window perplexity (default text: gensim's lee_background "
+                                     "news corpus, fetched once from PyPI).")
+    _placement_args(ppl)
+    ppl.add_argument("--text", metavar="FILE", help="UTF-8 text file (default: lee_background.cor)")
+    ppl.add_argument("--max-tokens", type=_count, metavar="N", help="score only the first N tokens")
+    ppl.add_argument("--stride", type=_count, default=512, metavar="N", help="default 512")
+    ppl.add_argument("--max-length", type=_count, default=1024, metavar="N", help="window length, default 1024")
+    ppl.set_defaults(func=_cmd_ppl)
+
+    q = sub.add_parser("quantize", help="quantize MODEL block by block into an exa checkpoint",
+                       description="Round-to-nearest quantization, one block in memory at a time.")
+    q.add_argument("model", metavar="MODEL", help="local model directory, .gguf file or hub id")
+    q.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    q.add_argument("--method", choices=("rtn",), default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--quant-type", choices=QUANT_TYPES, default="int4", help="default int4")
+    q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
+    q.add_argument("--sym", action="store_true", help="symmetric int grid")
+    q.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize absmax too")
+    q.add_argument("--threshold", type=float, default=6.0, help="int8 outlier threshold (default 6.0)")
+    q.add_argument("--skip", nargs="+", default=["lm_head"], metavar="NAME", help="layers kept in 16-bit")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--verbose", action="store_true", help="log every layer's quantization error")
+    q.set_defaults(func=_cmd_quantize)
     return parser
 
 
@@ -115,6 +143,7 @@ def _cmd_run(args) -> None:
     import exa
     t0 = time.perf_counter()
     llm = exa.Inference(args.model, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
+                        quantize=args.quantize, group_size=args.group_size,
                         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk,
                         offload_dir=args.offload_dir, device=args.device, dtype=_dtype(args.dtype),
                         prefetch_depth=args.prefetch_depth, max_context=args.max_context,
@@ -153,11 +182,49 @@ def _cmd_plan(args) -> None:
         config, device=device, dtype=dtype, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, prefetch_depth=args.prefetch_depth,
         batch_size=args.batch_size, max_context=args.max_context, offload_dir=args.offload_dir,
-        bandwidths=None).placement
+        bandwidths=None, quant=_spec(args)).placement
     print(f"Model: {args.model or DEFAULT_MODEL_NAME} ({_describe(config)}), {str(dtype).replace('torch.', '')}")
     print(placement.table())
     if no_gpu:
         print("note: no GPU on this machine: predicted speeds use typical GPU bandwidths, not measured ones")
+
+
+def _spec(args):
+    from runtime.quant.spec import spec_from_name
+    return spec_from_name(args.quantize, group_size=args.group_size)
+
+
+def _cmd_ppl(args) -> None:
+    import exa
+    from runtime.assets import lee_background
+    text = args.text or str(lee_background())
+    llm = exa.Inference(args.model, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
+                        max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, offload_dir=args.offload_dir,
+                        device=args.device, dtype=_dtype(args.dtype), prefetch_depth=args.prefetch_depth,
+                        max_context=max(args.max_context, args.max_length), batch_size=args.batch_size,
+                        quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty())
+    with llm:
+        t = time.perf_counter()
+        value = exa.perplexity(llm, text, max_tokens=args.max_tokens, stride=args.stride,
+                               max_length=args.max_length, progress=sys.stderr.isatty())
+    print(f"perplexity {value:.4f}")
+    print(f"exa: {args.model or DEFAULT_MODEL_NAME}, {args.quantize or 'unquantized'}, text {text}, "
+          f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
+
+
+def _cmd_quantize(args) -> None:
+    import logging
+
+    import exa
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    q = exa.Quantize(args.model, quant_type=args.quant_type, group_size=args.group_size, sym=args.sym,
+                     use_double_quant=args.double_quant, threshold=args.threshold, skip_modules=args.skip,
+                     verbose=args.verbose)
+    out = q.save(args.out, overwrite=args.overwrite)
+    worst = max(q.errors.items(), key=lambda kv: kv[1]) if q.errors else None
+    print(f"wrote {out} ({q.spec.name}); worst layer: {worst[0]} relative error {worst[1]:.4f}" if worst
+          else f"wrote {out} ({q.spec.name})")
 
 
 def _describe(config) -> str:

@@ -256,3 +256,30 @@ def _pending(text: str, stops: list[str]) -> int:
     while n < len(text) and text[len(text) - n - 1] == "\ufffd":
         n += 1
     return n
+
+
+def perplexity(llm: Inference, text_or_file: str, max_tokens: int | None = None, stride: int = 512,
+               max_length: int = 1024, progress: bool = True) -> float:
+    """Perplexity of ``llm`` on a text (or a text file's contents), sliding-window.
+
+    Args:
+        llm: a loaded ``exa.Inference``.
+        text_or_file: the text itself, or the path of a UTF-8 text file.
+        max_tokens: score only the first ``max_tokens`` tokens (None = all).
+        stride: tokens between window starts (smaller = more context per token, slower).
+        max_length: window length (context) in tokens.
+        progress: show a progress bar.
+    """
+    from pathlib import Path
+
+    from runtime.perplexity import perplexity_from_nll, sliding_nll
+    path = Path(text_or_file) if len(text_or_file) < 4096 and "\n" not in text_or_file else None
+    text = path.read_text(encoding="utf-8") if path is not None and path.is_file() else text_or_file
+    ids = llm.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError("perplexity needs a text of at least 2 tokens")
+    total, count = sliding_nll(lambda w: llm.engine.forward(w), ids, max_length=max_length,
+                               stride=stride, progress=progress)
+    return perplexity_from_nll(total, count)

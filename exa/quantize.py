@@ -1,0 +1,124 @@
+"""``exa.Quantize``: quantize a model block by block and save / share it as an exa checkpoint."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from runtime.checkpoint import open_checkpoint
+from runtime.loader import (assign_layouts, build_skeleton, define_blocks, pack_block, quantize_skeleton,
+                            resolve_sources)
+from runtime.qcheckpoint import write_checkpoint
+from runtime.quant.spec import spec_from_name
+
+log = logging.getLogger("exa.quantize")
+
+
+class Quantize:
+    """Quantize a Hugging Face model (RTN), never holding more than one block in memory.
+
+    Args:
+        model_id: local directory, .gguf file or hub id of the float model.
+        bits: bits per weight (must agree with ``quant_type``; 4 for nf4/fp4, 8 for int8).
+        quant_type: "int4", "int3", "int2", "int8" (LLM.int8-style with outlier columns), "nf4",
+            "fp4" (bitsandbytes-compatible values and layout), or "int" together with ``bits``.
+        group_size: group size along the input dimension (int formats; -1 = per channel) or the
+            block size of nf4/fp4 (default 64 there).
+        threshold: LLM.int8 outlier threshold (int8 only).
+        skip_modules: linear layers left in 16-bit (names or fnmatch patterns).
+        use_double_quant: quantize the nf4/fp4 absmax statistics too.
+        compute_dtype: dtype of everything that stays unquantized (embeddings, norms, lm_head).
+        enable_fp32_cpu_offload: accepted for compatibility with transformers' BitsAndBytesConfig;
+            exa offloads quantized blocks to CPU/disk in any case.
+        has_fp16_weight: accepted for compatibility; exa never keeps a 16-bit copy of
+            quantized weights.
+        sym: symmetric int grid (no zero points).
+        verbose: log every layer's relative quantization error (else only problems are logged).
+    """
+
+    def __init__(self, model_id: str, bits: int | None = None, quant_type: str = "int4", group_size: int | None = 128,
+                 threshold: float = 6.0, skip_modules: Sequence[str] = ("lm_head",), use_double_quant: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16, enable_fp32_cpu_offload: bool = False,
+                 has_fp16_weight: bool = False, verbose: bool = False, sym: bool = False):
+        if quant_type in ("nf4", "fp4") and group_size == 128:
+            group_size = 64                       # bitsandbytes' block size unless asked otherwise
+        self.spec = spec_from_name(quant_type, bits=bits, group_size=group_size, sym=sym,
+                                   double_quant=use_double_quant, threshold=threshold)
+        self.model_id, self.skip_modules = model_id, list(skip_modules)
+        self.compute_dtype, self.verbose = compute_dtype, verbose
+        self.metadata: dict = {}
+        self.errors: dict[str, float] = {}       # layer -> relative quantization error
+        self._prepared = None
+
+    def load_model(self) -> "Quantize":
+        """Open the checkpoint and plan the quantized blocks (reads no weights yet)."""
+        ckpt = open_checkpoint(self.model_id)
+        if getattr(ckpt, "quant", None) is not None:
+            raise ValueError(f"{self.model_id} is already an exa quantized checkpoint")
+        model, arch = build_skeleton(ckpt.config)
+        qmods = quantize_skeleton(model, self.spec, self.skip_modules)
+        blocks = define_blocks(model, arch)
+        resolve_sources(model, blocks, ckpt, qmods)
+        assign_layouts(model, blocks, self.compute_dtype)
+        self._prepared = (ckpt, blocks)
+        return self
+
+    def log_metadata(self, metadata: dict) -> None:
+        """Extra key/values saved in the checkpoint's manifest (and shown in the hub model card)."""
+        self.metadata.update(metadata)
+
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Quantize block by block and write an exa checkpoint (atomically) to ``out_dir``."""
+        if self._prepared is None:
+            self.load_model()
+        ckpt, blocks = self._prepared
+        bar = tqdm(blocks, desc=f"quantizing to {self.spec.name}", unit="block")
+
+        def pack(block):
+            return pack_block(ckpt, block, on_quantized=self._record)
+
+        meta = {**self.metadata, "source_model": str(self.model_id)}
+        out = write_checkpoint(out_dir, bar, pack, config=ckpt.config, tokenizer_dir=self._tokenizer_saver(ckpt),
+                               quant=self.spec.to_json(), skip_modules=self.skip_modules,
+                               dtype=self.compute_dtype, metadata=meta, overwrite=overwrite)
+        ckpt.close()
+        return out
+
+    def push_to_hub(self, repo_id: str, out_dir: str | Path | None = None, token: str | None = None,
+                    private: bool = False) -> str:
+        """Save (if needed) and upload the checkpoint with a model card; returns the repo URL."""
+        from exa.hub import push_folder
+        folder = Path(out_dir) if out_dir else Path.home() / ".cache" / "exa" / "quantized" / repo_id.replace("/", "--")
+        if not (folder / "exa.json").is_file():
+            self.save(folder, overwrite=True)
+        return push_folder(folder, repo_id, token=token, private=private)
+
+    def load_from_hub(self, repo_id: str, **inference_kwargs):
+        """Download an exa checkpoint from the hub and return an ``exa.Inference`` on it."""
+        from exa.hub import download
+        from exa.inference import Inference
+        return Inference(str(download(repo_id)), **inference_kwargs)
+
+    # -- internals --------------------------------------------------------------------------
+    def _record(self, name: str, w: torch.Tensor, packed: dict, spec) -> None:
+        from runtime.quant import module_for
+        deq = module_for(spec).dequantize(packed, spec, *w.shape)
+        err = float((deq - w).norm() / w.norm().clamp_min(1e-12))
+        self.errors[name] = err
+        if self.verbose:
+            log.info("%s: relative quantization error %.4f", name, err)
+        if not err == err or err > 0.5:            # NaN or a layer that lost most of its signal
+            log.warning("%s: relative quantization error %.4f is suspicious", name, err)
+
+    @staticmethod
+    def _tokenizer_saver(ckpt):
+        def save(dest: Path) -> None:
+            from transformers import AutoTokenizer
+            try:
+                AutoTokenizer.from_pretrained(**ckpt.tokenizer_kwargs).save_pretrained(dest)
+            except (OSError, ValueError) as e:
+                log.warning("no tokenizer saved with the checkpoint: %s", e)
+        return save
