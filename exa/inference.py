@@ -273,8 +273,12 @@ def perplexity(llm: Inference, text_or_file: str, max_tokens: int | None = None,
     from pathlib import Path
 
     from runtime.perplexity import perplexity_from_nll, sliding_nll
-    path = Path(text_or_file) if len(text_or_file) < 4096 and "\n" not in text_or_file else None
-    text = path.read_text(encoding="utf-8") if path is not None and path.is_file() else text_or_file
+    text = text_or_file
+    try:
+        if "\n" not in text_or_file and Path(text_or_file).is_file():
+            text = Path(text_or_file).read_text(encoding="utf-8")
+    except OSError:                 # not a usable path (e.g. too long): it is the text itself
+        pass
     ids = llm.tokenizer(text, return_tensors="pt")["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]
