@@ -43,8 +43,17 @@ def safetensors_copy(cache: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = default_model()
     kw = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+    from safetensors.torch import save_file
     tmp = out.with_suffix(".tmp")
-    AutoModelForCausalLM.from_pretrained(**kw, dtype=torch.float32).save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(**kw, dtype=torch.float32)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(tmp / "model.safetensors"))
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(**kw).save_pretrained(tmp)
     tmp.rename(out)
     return out

@@ -3,22 +3,27 @@
 Every format turns a weight ``W [out, in]`` (``in`` = K, ``out`` = N) into a few named tensors
 (the *packed* tensors), all stored in the block buffer next to the layer's other weights:
 
-* ``int`` (bits 2, 3, 4, 8), group-wise along K (``group_size`` 32/64/128, or -1 = per channel):
+* ``int`` (bits 2, 3, 4, 8), group-wise along K (``group_size`` 32/64/128, or -1 = per channel;
+  G = ceil(K/g) groups, the last one may be shorter; K a multiple of 8 for 3 bits):
     - ``qweight`` uint8 ``[N, K*bits/8]``: codes packed along K inside each row. bits 8: one code
       per byte; bits 4: code k in byte k//2, low nibble for even k; bits 2: code k in byte k//4
       at bit 2*(k%4); bits 3: two planes one after the other, the low 2 bits (4 per byte, K/4
       bytes, as bits 2) then the high bit (8 per byte, K/8 bytes, code k at bit k%8).
-    - ``scales`` float16 ``[N, K/g]``.
+    - ``scales`` float16 ``[N, G]``.
     - symmetric: ``W = (q - 2**(bits-1)) * s``;
-      ``zero_mode="int"``: + ``zeros`` uint8 ``[N, K/g]``, ``W = (q - z) * s``  (GPTQ/AWQ grids);
-      ``zero_mode="min"``: + ``mins`` float16 ``[N, K/g]``, ``W = q * s + m``  (GGUF Q4_1 grid).
+      ``zero_mode="int"``: + ``zeros`` uint8 ``[N, G]``, ``W = (q - z) * s``  (GPTQ/AWQ grids);
+      ``zero_mode="min"``: + ``mins`` float16 ``[N, G]``, ``W = q * s + m``  (GGUF Q4_1 grid).
 * ``nf4`` / ``fp4`` (bitsandbytes values and block layout): W flattened row-major, blocks of
-  ``group_size`` (default 64) consecutive values, one absmax per block:
+  ``group_size`` (default 64) consecutive values, one absmax per block (K must be a multiple of
+  the block size, so a block never straddles two rows; -1 = one block per row):
     - ``qweight`` uint8 ``[N*K/2]``: two 4-bit codes per byte, the FIRST value in the HIGH nibble.
     - ``absmax`` float32 ``[N*K/g]``; ``W = CODE[q] * absmax``.
     - ``double_quant``: absmax itself stored as uint8 codes ``absmax_q [N*K/g]`` over the 8-bit
       dynamic map in blocks of 256 with ``absmax2`` float32 ``[ceil(N*K/g/256)]`` and an
-      ``offset`` float32 ``[1]`` (the mean subtracted first), like bitsandbytes' compress_statistics.
+      ``offset`` float32 ``[1]`` (the mean subtracted first), like bitsandbytes' compress_statistics:
+      ``absmax = DYN[absmax_q] * absmax2[i // 256] + offset`` with DYN = bitsandbytes'
+      ``create_dynamic_map()`` (256 sorted values, DYN[0] = -0.99297, DYN[255] = 1) and
+      ``absmax2`` = max |absmax - offset| over its run of 256.
 * ``int8`` (LLM.int8 style): ``qweight`` int8 ``[N, K]``, ``scales`` float32 ``[N]`` (row absmax/127);
   at run time the input columns whose magnitude exceeds ``threshold`` (any row) are multiplied
   in 16-bit with the dequantized weight columns, the rest in int8 with int32 accumulation.
