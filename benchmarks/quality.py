@@ -3,8 +3,13 @@
 Runs on the CPU (CI can reproduce it). Baseline = the embedded model's weights dequantized from
 its GGUF file to fp32; every other row quantizes those weights. bitsandbytes rows use
 bitsandbytes' own code on the same tokens in the same run: nf4 through its quantize_4bit /
-dequantize_4bit (what its 4-bit matmul computes with), int8 through its Linear8bitLt (LLM.int8,
-threshold 6.0).
+dequantize_4bit (what its 4-bit matmul computes with), int8 through its Linear8bitLt (threshold
+6.0), which on the CPU dequantizes the int8 weights and multiplies in float (its CUDA path
+quantizes activations too, as exa's LLM.int8 row does everywhere).
+
+The default model's weights come from a GGUF Q4_1 file: they already lie on an asymmetric
+4-bit, group-32 grid, so exa's int4 g32 "min" grid (the Q4_1 grid) reproduces them exactly; the
+symmetric g32 row shows a real re-quantization.
 
     python benchmarks/quality.py --max-tokens 16384 --out quality.json
 """
@@ -21,42 +26,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import exa  # noqa: E402
-from runtime.assets import default_model, lee_background  # noqa: E402
+from runtime.assets import default_model_safetensors, lee_background  # noqa: E402
 from runtime.perplexity import perplexity_from_nll, sliding_nll  # noqa: E402
-from runtime.quant.spec import spec_from_name  # noqa: E402
+from runtime.quant.spec import QuantSpec, spec_from_name  # noqa: E402
 
 EXA_ROWS = [("baseline (fp32)", None), ("exa int8 (LLM.int8, t=6)", spec_from_name("int8")),
-            ("exa int4 g32", spec_from_name("int4", group_size=32)),
+            ("exa int8 weight-only (per channel, sym)", QuantSpec("int", 8, -1, sym=True)),
+            ("exa int4 g32 (asym, min: the source's own Q4_1 grid)", spec_from_name("int4", group_size=32)),
+            ("exa int4 g32 sym", spec_from_name("int4", group_size=32, sym=True)),
             ("exa int4 g64", spec_from_name("int4", group_size=64)),
             ("exa int4 g128", spec_from_name("int4", group_size=128)),
             ("exa nf4 (block 64)", spec_from_name("nf4", group_size=64)),
             ("exa fp4 (block 64)", spec_from_name("fp4", group_size=64)),
             ("exa int3 g32", spec_from_name("int3", group_size=32)),
             ("exa int2 g32", spec_from_name("int2", group_size=32))]
-
-
-def safetensors_copy(cache: Path) -> Path:
-    """The GGUF default model as an fp32 safetensors directory (converted once; loads in seconds)."""
-    out = cache / "smollm2-135m-instruct-fp32"
-    if (out / "config.json").is_file():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    gguf = default_model()
-    kw = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
-    from safetensors.torch import save_file
-    tmp = out.with_suffix(".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(**kw, dtype=torch.float32)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    save_file(sd, str(tmp / "model.safetensors"))
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(**kw).save_pretrained(tmp)
-    tmp.rename(out)
-    return out
 
 
 def exa_ppl(path: Path, spec, ids, args) -> float:
@@ -93,8 +76,7 @@ def bnb_ppl(path: Path, kind: str, ids, args) -> float:
 
 
 def run(args) -> dict:
-    cache = Path(args.cache)
-    path = safetensors_copy(cache)
+    path = default_model_safetensors()
     from transformers import AutoTokenizer
     text = lee_background().read_text(encoding="utf-8")
     ids = AutoTokenizer.from_pretrained(str(path))(text, return_tensors="pt")["input_ids"][0]
@@ -131,7 +113,6 @@ if __name__ == "__main__":
     ap.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens (default: all)")
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
-    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "exa" / "quality"))
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--skip-bnb", action="store_true")
     ap.add_argument("--out", default=None)

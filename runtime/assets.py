@@ -59,3 +59,36 @@ def default_model() -> Path:
 def lee_background() -> Path:
     """~360 KB of English news prose (gensim's test corpus), for perplexity."""
     return wheel_file(*LEE_BACKGROUND)
+
+
+def default_model_safetensors() -> Path:
+    """The default model converted once from GGUF to an fp32 safetensors directory (fast to load)."""
+    out = _cache() / "smollm2-135m-instruct-fp32"
+    if (out / "model.safetensors").is_file() and (out / "config.json").is_file():
+        return out
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf = default_model()
+    kw = {"pretrained_model_name_or_path": str(gguf.parent), "gguf_file": gguf.name}
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(**kw, dtype=torch.float32)
+        sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        save_file(sd, str(tmp / "model.safetensors"))
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(**kw).save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

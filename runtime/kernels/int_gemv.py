@@ -2,8 +2,8 @@
 
 M = 1..16. Memory-bound: every weight byte is read once, as wide vectors of packed int32 words,
 dequantized in registers (``tl_dequant``) and multiplied on the tensor cores:
-``acc [BN, 16] += W tile [BN, BK] @ x.T tile [BK, 16]`` (M padded to 16; the tensor cores have
-time to spare, so the padding costs nothing while the dequant stays at ~2 ops per code). The
+``acc [BN, 16] += W tile [BN, BK] @ x.T tile [BK, 16]`` (M padded to 16: the tensor cores have
+time to spare, and the W tile is the A operand, so M = 1 costs what M = 16 does). The
 weight tile comes out of the dequant in PERM order (pairs of codes packed in one register); the
 x tile is permuted to match. Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K;
 SPLIT_K > 1 adds float32 partial sums atomically into a zeroed buffer.
@@ -14,38 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.tl_dequant import int_group_params, int_tile, perm_x
+from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
+from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
 TUNER = Tuner("int_gemv")
-MODES = {"sym": 0, "int": 1, "min": 2}
-
-
-@triton.jit
-def load_xt(x_ptr, ks, M, stride_xm, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-            CPW: tl.constexpr, PERM: tl.constexpr):
-    """x.T tile [BLOCK_K, BLOCK_M] at K offset ks (rows m >= M read as 0), in PERM order."""
-    offs_m = tl.arange(0, BLOCK_M)
-    if PERM:
-        iw = tl.arange(0, BLOCK_K // CPW)
-        j = tl.arange(0, CPW)
-        ptrs = x_ptr + offs_m[None, None, :] * stride_xm + (ks + iw[:, None, None] * CPW + j[None, :, None])
-        x3 = tl.load(ptrs, mask=offs_m[None, None, :] < M, other=0.0)       # [BK/CPW, CPW, BM]
-        return perm_x(tl.reshape(x3, [BLOCK_K, BLOCK_M]), BLOCK_K, BLOCK_M, CPW)
-    else:
-        offs_k = ks + tl.arange(0, BLOCK_K)
-        return tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                       mask=offs_m[None, :] < M, other=0.0)
-
-
-@triton.jit
-def _dot(a, b, acc, INTERP: tl.constexpr):
-    """acc + a @ b; through float32 in the interpreter (its bf16 dot is wrong) and for fp32."""
-    if INTERP or a.dtype == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -72,7 +46,7 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
             w = int_tile(qw_ptr, rows, kw0, stride_qw, K, Z, S, MN, BITS, MODE, DT, PERM,
                          BLOCK_N, SUBK, INTERP)                   # [BN, SUBK]
             xt = load_xt(x_ptr, ks, M, stride_xm, SUBK, BLOCK_M, CPW, PERM)   # [SUBK, BM]
-            acc = _dot(w, xt, acc, INTERP)
+            acc = dot_acc(w, xt, acc, INTERP)
     offs_m = tl.arange(0, BLOCK_M)
     o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
     o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -98,36 +72,14 @@ def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
     cpw = 16 if bits == 3 else 32 // bits
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
     subk = min(bk, group)
-    return not (K % (bk * sk) or subk % cpw or group % cpw or bk % subk or subk < 16
+    return not (K % (bk * sk) or subk % cpw or group % subk or bk % subk or subk < 16
                 or cfg["BLOCK_M"] < M)
-
-
-def check_inputs(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int) -> None:
-    """Assert what every int kernel assumes about its inputs (clear message on mismatch)."""
-    assert spec.fmt == "int" and spec.bits in (2, 3, 4, 8), f"int kernels need fmt int, got {spec}"
-    assert x.dim() == 2 and x.shape[1] == K and x.stride(1) == 1, f"x must be [M, {K}] row-contiguous"
-    assert x.dtype in (torch.float16, torch.bfloat16, torch.float32), f"x dtype {x.dtype}"
-    qw, s = t["qweight"], t["scales"]
-    assert qw.dtype == torch.uint8 and qw.is_contiguous() and qw.numel() == N * K * spec.bits // 8, \
-        f"qweight must be contiguous uint8 [N, K*bits/8], got {tuple(qw.shape)} {qw.dtype}"
-    g = K if spec.group_size == -1 else spec.group_size
-    assert K % g == 0 and K % 32 == 0, f"K={K} must be a multiple of 32 and of the group size {g}"
-    assert s.dtype == torch.float16 and s.is_contiguous() and s.numel() == N * (K // g), "scales"
-    if not spec.sym:
-        z = t["zeros" if spec.zero_mode == "int" else "mins"]
-        want = torch.uint8 if spec.zero_mode == "int" else torch.float16
-        assert z.dtype == want and z.is_contiguous() and z.numel() == N * (K // g), "zeros/mins"
-    assert qw.device == x.device == s.device, "all tensors must be on one device"
-
-
-def mode_of(spec: QuantSpec) -> int:
-    return 0 if spec.sym else MODES[spec.zero_mode]
 
 
 def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
     M = x.shape[0]
-    g = K if spec.group_size == -1 else spec.group_size
+    g = group_of(spec, K)
     mode = mode_of(spec)
     qw = t["qweight"].view(torch.int32)
     zt = t["scales"] if mode == 0 else t["zeros" if mode == 1 else "mins"]
@@ -149,10 +101,10 @@ def launch(x, t, spec, N, K, cfg, out=None):
 
 def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> torch.Tensor:
     """Decode GEMV: x [M, K] (M <= 16) -> [M, N] in x.dtype. Autotuned per (N, K, M bucket)."""
-    check_inputs(x, t, spec, N, K)
+    check_int_inputs(x, t, spec, N, K)
     M = x.shape[0]
     assert 1 <= M <= 16, f"int_gemv handles M = 1..16, got {M}"
-    g = K if spec.group_size == -1 else spec.group_size
+    g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
     cfg = TUNER.pick(key, candidates(mb, spec.bits), lambda c: _valid(c, mb, N, K, spec.bits, g),

@@ -79,6 +79,23 @@ def perm_x(x, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, CPW: tl.constexpr):
 
 
 @triton.jit
+def load_xt(x_ptr, ks, M, stride_xm, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+            CPW: tl.constexpr, PERM: tl.constexpr):
+    """x.T tile [BLOCK_K, BLOCK_M] at K offset ks (rows m >= M read as 0), in PERM order."""
+    offs_m = tl.arange(0, BLOCK_M)
+    if PERM:
+        iw = tl.arange(0, BLOCK_K // CPW)
+        j = tl.arange(0, CPW)
+        ptrs = x_ptr + offs_m[None, None, :] * stride_xm + (ks + iw[:, None, None] * CPW + j[None, :, None])
+        x3 = tl.load(ptrs, mask=offs_m[None, None, :] < M, other=0.0)       # [BK/CPW, CPW, BM]
+        return perm_x(tl.reshape(x3, [BLOCK_K, BLOCK_M]), BLOCK_K, BLOCK_M, CPW)
+    else:
+        offs_k = ks + tl.arange(0, BLOCK_K)
+        return tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                       mask=offs_m[None, :] < M, other=0.0)
+
+
+@triton.jit
 def _deq(v, Z, S, MN, HAS_MIN: tl.constexpr):
     """(v - Z) * S + MN with Z, S, MN per row ([BN, 1])."""
     if HAS_MIN:
@@ -263,16 +280,62 @@ def int_tile(qw_ptr, rows, kw0, stride_qw, K, Z, S, MN,
 
 
 @triton.jit
-def nf4_tile(qw_ptr, a_ptr, code2_ptr, rows, kb, K, GROUP: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dequantized nf4/fp4 weight tile [BLOCK_N, BLOCK_K] (float32).
+def dot_acc(a, b, acc, INTERP: tl.constexpr):
+    """acc + a @ b; through float32 in the interpreter (its bf16 dot is wrong) and for fp32."""
+    if INTERP or a.dtype == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
 
-    Reads bytes: kb are the tile's byte indices within a row ([BLOCK_K // 2]). ``code2_ptr`` is a
-    float32 [256, 2] table: byte -> (value of its high nibble, value of its low nibble), so one
-    8-byte lookup yields both codes of a byte in K order. absmax is float32 [N, K/GROUP].
+
+@triton.jit
+def nf4_absmax(a_ptr, aq_ptr, a2_ptr, dmap_ptr, off_ptr, rows, gi, G, DQ: tl.constexpr):
+    """float32 absmax [BN, 1] of block ``gi`` of every row (undoing double quantization)."""
+    bidx = rows * G + gi
+    if DQ:
+        q = tl.load(aq_ptr + bidx).to(tl.int32)
+        a = tl.load(dmap_ptr + q) * tl.load(a2_ptr + bidx // 256) + tl.load(off_ptr)
+    else:
+        a = tl.load(a_ptr + bidx)
+    return a[:, None]
+
+
+@triton.jit
+def _nf4_pair(w, SH: tl.constexpr, lut_ptr, A, DT: tl.constexpr, F32MATH: tl.constexpr):
+    """Byte at bit SH of every word -> (value of its high nibble, of its low nibble) * A."""
+    b = (w >> SH) & 255
+    if DT == tl.float32:
+        first = tl.load(lut_ptr + b) * A
+        second = tl.load(lut_ptr + 256 + b) * A
+        return first, second
+    else:
+        e = tl.load(lut_ptr + b)          # int32: two DT values, the high nibble's in the low half
+        first = e.to(tl.int16).to(DT, bitcast=True)
+        second = (e >> 16).to(tl.int16).to(DT, bitcast=True)
+        if F32MATH:
+            af = A.to(tl.float32)
+            return (first.to(tl.float32) * af).to(DT), (second.to(tl.float32) * af).to(DT)
+        else:
+            return first * A, second * A
+
+
+@triton.jit
+def nf4_tile(qw_ptr, lut_ptr, rows, kw0, stride_qw, A, DT: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, F32MATH: tl.constexpr = False):
+    """Dequantized nf4/fp4 tile [BLOCK_N, BLOCK_K] in DT, natural K order, inside one block.
+
+    The packed bytes are read as int32 words (8 codes each); kw0 is the tile's first word in its
+    row. Each byte is looked up whole in a 256-entry table (``lut_ptr``): for 16-bit DT an
+    int32 holding both codes' values as a DT pair in K order (so one lookup and one packed
+    multiply give two weights already paired for the tensor cores); for float32 two float32
+    tables (high nibble's values, then low nibble's). A: absmax [BN, 1] in DT (float32 for fp32).
     """
-    b = tl.load(qw_ptr + rows[:, None] * (K // 2) + kb[None, :])             # [BN, BB] uint8
-    pair = tl.arange(0, 2)
-    v = tl.load(code2_ptr + b.to(tl.int32)[:, :, None] * 2 + pair[None, None, :])   # [BN, BB, 2]
-    a = tl.load(a_ptr + rows[:, None] * (K // GROUP) + (kb[None, :] * 2) // GROUP)  # [BN, BB]
-    return tl.reshape(v * a[:, :, None], [BLOCK_N, BLOCK_K])
+    BW: tl.constexpr = BLOCK_K // 8
+    kw = kw0 + tl.arange(0, BW)
+    w = tl.load(qw_ptr + rows[:, None] * stride_qw + kw[None, :])          # [BN, BW] int32
+    f0, s0 = _nf4_pair(w, 0, lut_ptr, A, DT, F32MATH)
+    f1, s1 = _nf4_pair(w, 8, lut_ptr, A, DT, F32MATH)
+    f2, s2 = _nf4_pair(w, 16, lut_ptr, A, DT, F32MATH)
+    f3, s3 = _nf4_pair(w, 24, lut_ptr, A, DT, F32MATH)
+    t = tl.join(_join4(f0, f1, f2, f3), _join4(s0, s1, s2, s3))           # [BN, BW, 2, 2, 2]
+    return tl.reshape(t, [BLOCK_N, BLOCK_K])
