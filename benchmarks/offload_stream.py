@@ -122,10 +122,11 @@ def exa_part(path, cap, bw) -> dict:
     res["pinned_h2d_GBps_block_copies"] = pinned_h2d(layer_bytes) / 1e9
     bound = max(bw.h2d, res["pinned_h2d_GBps_block_copies"] * 1e9)
     res["bound_h2d_GBps"] = bound / 1e9
-    res["resident"], _ = run_exa(path, offload="none", progress=False)
+    q = {"quantize": ARGS.quant, "group_size": 128} if ARGS.quant else {}
+    res["resident"], _ = run_exa(path, offload="none", progress=False, **q)
     print("resident", {k: v for k, v in res["resident"].items() if k != "tokens"}, flush=True)
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
-    res["streamed"], res["plan_table"] = run_exa(path, offload="auto", max_gpu_memory=cap, progress=False)
+    res["streamed"], res["plan_table"] = run_exa(path, offload="auto", max_gpu_memory=cap, progress=False, **q)
     print(res["plan_table"])
     s = res["streamed"]
     s["h2d_GBps_while_decoding"] = s["streamed_bytes_per_token"] / s["decode_s_per_token"] / 1e9
@@ -175,7 +176,7 @@ def main() -> None:
     cap = parse_size(ARGS.cap, "cap")
     res = {"device": hw.device_name, "date": time.strftime("%Y-%m-%d"), "cap": cap,
            "pinned_h2d_GBps": bw.h2d / 1e9, "hbm_GBps": bw.device_mem / 1e9, "disk_GBps": bw.disk / 1e9,
-           "command": " ".join(sys.argv)}
+           "command": " ".join(sys.argv), "quant": ARGS.quant}
 
     out = Path(ARGS.out) if ARGS.out else None
     if ARGS.part in ("all", "exa"):
@@ -198,6 +199,7 @@ if __name__ == "__main__":
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--accelerate-tokens", type=int, default=6)
+    ap.add_argument("--quant", default=None, help="quantize while loading (e.g. int4, nf4): exa runs only")
     ap.add_argument("--part", choices=["all", "exa", "accelerate"], default="all",
                     help="run one side only (separate processes keep host memory apart)")
     ap.add_argument("--out", default=None)

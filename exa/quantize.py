@@ -105,7 +105,7 @@ class Quantize:
     # -- internals --------------------------------------------------------------------------
     def _record(self, name: str, w: torch.Tensor, packed: dict, spec) -> None:
         from runtime.quant import module_for
-        deq = module_for(spec).dequantize(packed, spec, *w.shape)
+        deq = module_for(spec).dequantize({k: v.to(w.device) for k, v in packed.items()}, spec, *w.shape)
         err = float((deq - w).norm() / w.norm().clamp_min(1e-12))
         self.errors[name] = err
         if self.verbose:

@@ -164,8 +164,10 @@ def _quantize_weight(ckpt: Checkpoint, owner: str, wkey: str, spec, transposed: 
     """RTN-quantize one float weight from the checkpoint: {owner.packed_name: tensor}."""
     from runtime.quant import module_for
     w = ckpt.get(wkey)
-    w = (w.t() if transposed else w).float().contiguous()       # [N, K]
-    packed = module_for(spec).quantize(w, spec)
+    w = (w.t() if transposed else w)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"        # RTN is ~100x faster on a GPU
+    w = w.to(dev, non_blocking=True).float().contiguous()       # [N, K]
+    packed = {k: v.cpu() for k, v in module_for(spec).quantize(w, spec).items()}
     if on_quantized is not None:
         on_quantized(owner, w, packed, spec)
     return {f"{owner}.{k}": v for k, v in packed.items()}

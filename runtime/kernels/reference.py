@@ -133,15 +133,17 @@ def random_quantized(spec: QuantSpec, N: int, K: int, device="cpu",
                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Fresh random packed tensors of ``spec``'s layout for W [N, K] (every byte random).
 
-    Scales are ~1/sqrt(K)-sized so that ``x @ W.T`` stays O(1) for unit-variance x.
+    Drawn directly on ``device`` (``generator`` must live there too). Scales are sized so that
+    ``x @ W.T`` stays O(1) for unit-variance x.
     """
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    device = torch.device(device)
+    gen = generator if generator is not None else torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
-        return torch.rand(*shape, generator=gen)
+        return torch.rand(*shape, generator=gen, device=device)
 
-    def u8(n):
-        return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    def u8(n, high=256):
+        return torch.randint(0, high, (n,), generator=gen, device=device, dtype=torch.uint8)
 
     amp = 1.0 / K ** 0.5
     if spec.fmt == "int":
@@ -149,7 +151,7 @@ def random_quantized(spec: QuantSpec, N: int, K: int, device="cpu",
         t = {"qweight": u8(N * K * spec.bits // 8).reshape(N, -1),
              "scales": ((0.5 + rnd(N, K // g)) * amp * 2 ** (2 - spec.bits)).half()}
         if not spec.sym and spec.zero_mode == "int":
-            t["zeros"] = torch.randint(0, 2 ** spec.bits, (N, K // g), generator=gen, dtype=torch.uint8)
+            t["zeros"] = u8(N * (K // g), 2 ** spec.bits).reshape(N, K // g)
         elif not spec.sym:
             t["mins"] = (-(0.5 + rnd(N, K // g)) * amp * 2).half()
     elif spec.fmt in ("nf4", "fp4"):
@@ -158,9 +160,9 @@ def random_quantized(spec: QuantSpec, N: int, K: int, device="cpu",
         if spec.double_quant:
             t["absmax_q"] = u8(nb)
             t["absmax2"] = (0.5 + rnd((nb + 255) // 256)) * amp * 4
-            t["offset"] = torch.tensor([amp * 2], dtype=torch.float32)
+            t["offset"] = torch.full((1,), amp * 2, dtype=torch.float32, device=device)
         else:
             t["absmax"] = (0.5 + rnd(nb)) * amp * 2
     else:
         raise ValueError(f"random_quantized does not cover format {spec.fmt!r}")
-    return {k: v.to(device) for k, v in t.items()}
+    return t
