@@ -156,6 +156,7 @@ class Engine:
         self._offload_dir = offload_dir
         move_buffers(self.model, self.device)
         self.executor = self._materialise()
+        self._warm_kernels(qmods)
         self._forward_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"
 
@@ -193,6 +194,16 @@ class Engine:
         order = [b.name for b in self.blocks if b.name in sources]
         pre = Prefetcher(order, sources, p.slots, self.device) if order else None
         return Executor(self.model, self.layers, self.blocks, resident, pre)
+
+    def _warm_kernels(self, qmods: dict) -> None:
+        """Autotune the quantized-matmul kernels once per distinct layer shape, so the first
+        token does not pay for tuning (CUDA with triton only; a no-op elsewhere)."""
+        if self.quant is None or self.device.type != "cuda" or not qmods:
+            return
+        from runtime.kernels import dispatch
+        shapes = sorted({(m.out_features, m.in_features) for m, _ in qmods.values()})
+        for N, K in tqdm(shapes, desc="tuning kernels", unit="shape", disable=not self.progress):
+            dispatch.warmup(self.quant, N, K, self.dtype, self.device)
 
     def _block(self, name: str) -> BlockDef:
         return next(b for b in self.blocks if b.name == name)

@@ -14,7 +14,8 @@ import os
 import sys
 import types
 
-KERNEL_MODULES = ("runtime.kernels.tuning", "runtime.kernels.tl_dequant", "runtime.kernels.int_gemv",
+KERNEL_MODULES = ("runtime.kernels.tuning", "runtime.kernels.tl_dequant", "runtime.kernels.int_gemv_simt",
+                  "runtime.kernels.int_gemv",
                   "runtime.kernels.int_gemm", "runtime.kernels.nf4_gemv", "runtime.kernels.nf4_gemm",
                   "runtime.kernels.dispatch")
 

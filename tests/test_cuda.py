@@ -88,4 +88,5 @@ def test_quantized_gpu_matches_cpu_reference(quant, tiny_models):
     with exa.Inference(str(path), offload="none", quantize=quant, group_size=g, device="cuda",
                        progress=False) as llm:
         got = llm.logits(ids)
-    torch.testing.assert_close(got, want, rtol=0.05, atol=0.08)
+    rel = float((got - want).norm() / want.norm())          # bf16 vs fp32: a few 1e-3
+    assert rel < 2e-2 and float((got - want).abs().max()) < 0.3, (quant, rel)

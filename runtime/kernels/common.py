@@ -54,7 +54,7 @@ def check_nf4_inputs(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int) -> Non
     """Assert what the ``nf4`` / ``fp4`` kernels assume about their inputs."""
     assert spec.fmt in ("nf4", "fp4"), f"nf4 kernels need fmt nf4/fp4, got {spec}"
     _check_x(x, K)
-    g = spec.group_size
+    g = group_of(spec, K)
     assert K % g == 0 and K % 32 == 0, f"K={K} must be a multiple of 32 and of the block size {g}"
     qw = _check("qweight", t, torch.uint8, N * K // 2, x.device)
     assert qw.data_ptr() % 16 == 0, "qweight must be 16-byte aligned (it is read as int32 vectors)"

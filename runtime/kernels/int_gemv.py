@@ -16,6 +16,7 @@ import triton.language as tl
 
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
+from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -63,12 +64,15 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
 
 def candidates(M: int, bits: int) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key)."""
-    return [_cfg(64, 256), _cfg(64, 128), _cfg(128, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
-            _cfg(128, 256, nw=8), _cfg(64, 256, sk=2), _cfg(64, 256, perm=False),
-            _cfg(64, 256, ns=2), _cfg(128, 128, ns=3)]
+    return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
+            _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
+            _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
+        + simt_candidates(M, bits)
 
 
 def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
+    if cfg.get("SIMT"):
+        return simt_valid(cfg, M, K, bits, group)
     cpw = 16 if bits == 3 else 32 // bits
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
     subk = min(bk, group)
@@ -87,6 +91,11 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     dst = out if sk == 1 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    if cfg.get("SIMT"):
+        simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg)
+        if sk != 1:
+            out.copy_(dst)
+        return out
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _int_gemv_kernel[grid](
         x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(0),

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.common import check_nf4_inputs
+from runtime.kernels.common import check_nf4_inputs, group_of
 from runtime.kernels.int_gemm import tile_ids
 from runtime.kernels.nf4_gemv import absmax_args, lut
 from runtime.kernels.tl_dequant import dot_acc, nf4_absmax, nf4_tile
@@ -65,13 +65,16 @@ def _cfg(bm, bn, bk, swap=False, nw=8, ns=3, gm=8):
 
 
 def candidates(M: int) -> list[dict]:
-    """Default configs for the M bucket (a short list: each is compiled and timed once)."""
+    """Default configs for the M bucket (a short list: each is compiled and timed once).
+
+    Only the swapped orientation (W tile as the A operand): with triton 3.6 on sm_90 the other
+    one fails to compile ("Illegal shared layout" in TritonGPUOptimizeDotOperands)."""
     if M <= 64:
         return [_cfg(32, 128, 64, True, 4, 3), _cfg(64, 128, 64, True, 4, 3),
-                _cfg(64, 64, 64, True, 4, 4), _cfg(64, 128, 64, False, 4, 3)]
-    return [_cfg(128, 128, 64, False, 8, 3), _cfg(128, 256, 64, False, 8, 3),
-            _cfg(128, 128, 64, True, 8, 3), _cfg(256, 128, 64, True, 8, 3),
-            _cfg(64, 128, 64, False, 4, 4), _cfg(128, 64, 64, True, 4, 4)]
+                _cfg(64, 64, 64, True, 4, 4), _cfg(32, 64, 128, True, 4, 3)]
+    return [_cfg(128, 128, 64, True, 8, 3), _cfg(256, 128, 64, True, 8, 3),
+            _cfg(128, 64, 64, True, 4, 4), _cfg(256, 64, 64, True, 8, 4),
+            _cfg(128, 256, 64, True, 8, 3), _cfg(256, 128, 64, True, 8, 4, gm=16)]
 
 
 def _valid(cfg: dict, K: int, group: int) -> bool:
@@ -89,7 +92,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _nf4_gemm_kernel[grid](
         x, t["qweight"].view(torch.int32), a, aq, a2, dm, off, lut(spec.fmt, x.dtype, x.device),
-        out, M, N, K, K // spec.group_size, x.stride(0), out.stride(0), GROUP=spec.group_size,
+        out, M, N, K, K // group_of(spec, K), x.stride(0), out.stride(0), GROUP=group_of(spec, K),
         DQ=spec.double_quant, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"], INTERP=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -102,7 +105,8 @@ def nf4_gemm(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     M = x.shape[0]
     assert M >= 1, "empty input"
     mb = m_bucket(M)
-    key = (N, K, mb, spec.fmt, spec.group_size, spec.double_quant, x.dtype)
-    cfg = TUNER.pick(key, candidates(mb), lambda c: _valid(c, K, spec.group_size),
+    g = group_of(spec, K)
+    key = (N, K, mb, spec.fmt, g, spec.double_quant, x.dtype)
+    cfg = TUNER.pick(key, candidates(mb), lambda c: _valid(c, K, g),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
     return launch(x, t, spec, N, K, cfg, out)

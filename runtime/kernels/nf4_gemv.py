@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.common import check_nf4_inputs
+from runtime.kernels.common import check_nf4_inputs, group_of
 from runtime.kernels.reference import code_table, dynamic_map
 from runtime.kernels.tl_dequant import dot_acc, load_xt, nf4_absmax, nf4_tile
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
@@ -94,8 +94,8 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, bm=16):
 
 def candidates(M: int) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key)."""
-    return [_cfg(64, 256), _cfg(64, 128), _cfg(128, 128), _cfg(32, 256), _cfg(128, 256, nw=8),
-            _cfg(64, 256, sk=2), _cfg(64, 256, ns=2), _cfg(128, 128, ns=3)]
+    return [_cfg(64, 256), _cfg(32, 256), _cfg(64, 256, sk=2), _cfg(64, 256, sk=4),
+            _cfg(32, 256, sk=4), _cfg(64, 256, sk=8), _cfg(32, 128, sk=8), _cfg(64, 64)]
 
 
 def _valid(cfg: dict, M: int, K: int, group: int) -> bool:
@@ -115,7 +115,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _nf4_gemv_kernel[grid](
         x, t["qweight"].view(torch.int32), a, aq, a2, dm, off, lut(spec.fmt, x.dtype, x.device),
-        dst, M, N, K, K // spec.group_size, x.stride(0), dst.stride(0), GROUP=spec.group_size,
+        dst, M, N, K, K // group_of(spec, K), x.stride(0), dst.stride(0), GROUP=group_of(spec, K),
         DQ=spec.double_quant, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -130,7 +130,8 @@ def nf4_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     M = x.shape[0]
     assert 1 <= M <= 16, f"nf4_gemv handles M = 1..16, got {M}"
     mb = m_bucket(M)
-    key = (N, K, mb, spec.fmt, spec.group_size, spec.double_quant, x.dtype)
-    cfg = TUNER.pick(key, candidates(mb), lambda c: _valid(c, mb, K, spec.group_size),
+    g = group_of(spec, K)
+    key = (N, K, mb, spec.fmt, g, spec.double_quant, x.dtype)
+    cfg = TUNER.pick(key, candidates(mb), lambda c: _valid(c, mb, K, g),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
     return launch(x, t, spec, N, K, cfg, out)

@@ -108,7 +108,7 @@ def dequant_nf4(t: Mapping[str, torch.Tensor], spec: QuantSpec, N: int, K: int,
     """The ``nf4`` / ``fp4`` format's weight ``W [N, K]`` in ``dtype`` (computed in float32)."""
     code = code_table(spec.fmt).to(t["qweight"].device)
     q = unpack_nf4(t["qweight"], N, K)
-    absmax = nf4_absmax(t, spec).repeat_interleave(spec.group_size)[: N * K]
+    absmax = nf4_absmax(t, spec).repeat_interleave(_group(spec, K))[: N * K]
     return (code[q] * absmax).reshape(N, K).to(dtype)
 
 
@@ -155,7 +155,7 @@ def random_quantized(spec: QuantSpec, N: int, K: int, device="cpu",
         elif not spec.sym:
             t["mins"] = (-(0.5 + rnd(N, K // g)) * amp * 2).half()
     elif spec.fmt in ("nf4", "fp4"):
-        nb = N * K // spec.group_size
+        nb = N * K // _group(spec, K)
         t = {"qweight": u8(N * K // 2)}
         if spec.double_quant:
             t["absmax_q"] = u8(nb)

@@ -5,12 +5,17 @@ candidate config once on the real inputs and remembers the fastest, so later cal
 lookup. Timing replays a CUDA graph of several launches (falls back to plain event timing when
 capture fails), so that the CPU's launch overhead does not hide the GPU time of small kernels.
 
+Picks made on a GPU are kept in ``$EXA_CACHE_DIR/tuning.json`` (keyed by kernel, GPU name and
+triton version), so a machine tunes each shape once, not once per process.
+
 Tests override the candidate lists (``Tuner.override``) with one tiny config: with a single
 candidate nothing is timed, which is what the CPU interpreter needs.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -66,6 +71,42 @@ def _time_graph(run: Callable[[], None], reps: int = 20, iters: int = 5) -> floa
     return times[len(times) // 2]
 
 
+def _cache_file() -> Path:
+    root = os.environ.get("EXA_CACHE_DIR") or Path.home() / ".cache" / "exa"
+    return Path(root) / "tuning.json"
+
+
+def _scope(name: str) -> str:
+    """The disk-cache section of a tuner: kernel name, GPU and triton version."""
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001
+        tv = "?"
+    return f"{name}|{torch.cuda.get_device_name()}|triton {tv}"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(scope: str, key: str, cfg: Config) -> None:
+    """Add one pick to the disk cache (read-modify-write, replaced atomically; best effort)."""
+    try:
+        data = _read_cache()
+        data.setdefault(scope, {})[key] = cfg
+        f = _cache_file()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        tmp.replace(f)
+    except OSError:
+        pass
+
+
 class Tuner:
     """Remembers the fastest config per key; see the module docstring."""
 
@@ -83,6 +124,12 @@ class Tuner:
         if cfg is not None:
             return cfg
         cands = [c for c in (self.override if self.override is not None else candidates) if valid(c)]
+        persist = on_gpu and self.override is None and len(cands) > 1
+        if persist:
+            stored = _read_cache().get(_scope(self.name), {}).get(repr(key))
+            if stored is not None and stored in cands:
+                self.cache[key] = stored
+                return stored
         if not cands:
             raise ValueError(f"{self.name}: no valid kernel config for {key}")
         if len(cands) == 1 or not on_gpu:
@@ -103,4 +150,6 @@ class Tuner:
                 for c, ms in sorted(results, key=lambda r: r[1]):
                     print(f"[{self.name}] {key} {ms * 1e3:8.1f} us {c}")
         self.cache[key] = cfg
+        if persist and key in self.timings:
+            _write_cache(_scope(self.name), repr(key), cfg)
         return cfg
