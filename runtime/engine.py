@@ -142,7 +142,7 @@ class Engine:
                 raise ValueError(f"{ckpt.root} is already quantized ({stored.name}); "
                                  f"it cannot be re-quantized as {quant.name}")
             quant, skip_modules = stored, ckpt.skip_modules
-        self.quant = quant
+        self.quant, self.batch_size = quant, batch_size
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.config, self.device)
         self.model, arch, self.blocks, self.placement, qmods = plan_model(
@@ -201,9 +201,11 @@ class Engine:
         if self.quant is None or self.device.type != "cuda" or not qmods:
             return
         from runtime.kernels import dispatch
+        from runtime.kernels.tuning import m_bucket
         shapes = sorted({(m.out_features, m.in_features) for m, _ in qmods.values()})
+        ms = sorted({1, m_bucket(self.batch_size), 512})      # decode, batched decode, a prefill
         for N, K in tqdm(shapes, desc="tuning kernels", unit="shape", disable=not self.progress):
-            dispatch.warmup(self.quant, N, K, self.dtype, self.device)
+            dispatch.warmup(self.quant, N, K, self.dtype, self.device, m_values=ms)
 
     def _block(self, name: str) -> BlockDef:
         return next(b for b in self.blocks if b.name == name)

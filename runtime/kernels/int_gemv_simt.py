@@ -91,9 +91,8 @@ def simt_candidates(M: int, bits: int) -> list[dict]:
     if M > 4 or bits == 3:
         return []
     return [simt_cfg(bn, bk, sk, nw, M) for bn, bk, sk, nw in
-            ((32, 256, 1, 4), (16, 512, 1, 4), (32, 512, 2, 4), (64, 256, 4, 4), (16, 256, 4, 2),
-             (32, 256, 8, 4), (8, 512, 1, 2))]
-
+            ((16, 256, 1, 4), (64, 256, 4, 4), (128, 64, 1, 4), (128, 64, 2, 4), (256, 64, 1, 8),
+             (256, 64, 2, 8), (128, 128, 2, 4))]
 
 def simt_valid(cfg: dict, M: int, K: int, bits: int, group: int) -> bool:
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
