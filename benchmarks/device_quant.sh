@@ -13,8 +13,10 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 for s in $STAGES; do
   t0=$(date +%s)
   case $s in
-    tests)   timeout 250 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py \
-               > "$OUT/cuda_tests.txt" 2>&1 ;;
+    tests)   timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short --durations=5 \
+               tests/test_cuda.py > "$OUT/cuda_tests.txt" 2>&1
+             timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short --durations=5 \
+               tests/test_kernels.py > "$OUT/cuda_kernel_tests.txt" 2>&1 ;;
     kernels) timeout 360 python3 benchmarks/kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
     stream)  timeout 330 python3 benchmarks/offload_stream.py --part exa --quant int4 --cap 3GiB \
                --dir "$PWD/.bench" --out "$OUT/stream_int4.json" > "$OUT/stream_int4.txt" 2>&1 ;;

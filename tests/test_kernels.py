@@ -218,13 +218,33 @@ def _gpu_case(spec, N, Kd, M, dtype=torch.bfloat16, seed=0):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("M", [1, 4, 16, 17, 256, 1000])
-@pytest.mark.parametrize("spec", [QuantSpec("int", 4, 128, sym=True), QuantSpec("int", 4, 128),
-                                  QuantSpec("nf4", 4, 64), QuantSpec("nf4", 4, 64, double_quant=True)],
+@pytest.mark.parametrize("M", [1, 4, 17, 1000])
+@pytest.mark.parametrize("spec", [QuantSpec("int", 4, 128), QuantSpec("nf4", 4, 64, double_quant=True)],
                          ids=lambda s: s.name)
 def test_gpu_llama_shape(spec, M):
     err = _gpu_case(spec, 4096, 4096, M, seed=M)
     assert err < 1e-2, f"{spec.name} M={M}: rel err {err:.2e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", [QuantSpec("int", 4, 128), QuantSpec("nf4", 4, 64)], ids=lambda s: s.name)
+def test_gpu_split_k_is_deterministic(spec):
+    """Split-K partial sums are added in a fixed order: the same input gives the same bits."""
+    from runtime.kernels import int_gemv, nf4_gemv
+    mod = int_gemv if spec.fmt == "int" else nf4_gemv
+    saved = mod.TUNER.override, dict(mod.TUNER.cache)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    t = R.random_quantized(spec, 4096, 4096, device="cuda", generator=g)
+    x = torch.randn(2, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    try:
+        mod.TUNER.override, mod.TUNER.cache = [mod._cfg(64, 256, sk=8)], {}
+        ys = [mod.int_gemv(x, t, spec, 4096, 4096) if spec.fmt == "int" else
+              mod.nf4_gemv(x, t, spec, 4096, 4096) for _ in range(20)]
+    finally:
+        mod.TUNER.override, mod.TUNER.cache = saved
+    assert all(torch.equal(y, ys[0]) for y in ys)
+    ref = x.float() @ R.dequant(t, spec, 4096, 4096, torch.float32).T
+    assert _rel(ys[0], ref) < 1e-2
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ dequantized in registers (``tl_dequant``) and multiplied on the tensor cores:
 time to spare, and the W tile is the A operand, so M = 1 costs what M = 16 does). The
 weight tile comes out of the dequant in PERM order (pairs of codes packed in one register); the
 x tile is permuted to match. Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K;
-SPLIT_K > 1 adds float32 partial sums atomically into a zeroed buffer.
+SPLIT_K > 1 writes float32 partial sums, summed afterwards in a fixed order (deterministic).
 """
 from __future__ import annotations
 
@@ -49,12 +49,11 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
             xt = load_xt(x_ptr, ks, M, stride_xm, SUBK, BLOCK_M, CPW, PERM)   # [SUBK, BM]
             acc = dot_acc(w, xt, acc, INTERP)
     offs_m = tl.arange(0, BLOCK_M)
-    o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    # SPLIT_K > 1: partial sums go to slice pid_k of a [SPLIT_K, M, N] float32 buffer, summed
+    # afterwards in a fixed order (atomics would make results vary from run to run)
+    o_ptrs = out_ptr + pid_k * M * stride_om + offs_m[None, :] * stride_om + offs_n[:, None]
     o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    if SPLIT_K == 1:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
@@ -90,21 +89,21 @@ def launch(x, t, spec, N, K, cfg, out=None):
     sk = cfg["SPLIT_K"]
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    dst = out if sk == 1 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
     if cfg.get("SIMT"):
         simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg)
         if sk != 1:
-            out.copy_(dst)
+            out.copy_(dst.sum(0))
         return out
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _int_gemv_kernel[grid](
-        x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(0),
+        x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2),
         K * spec.bits // 32, BITS=spec.bits, GROUP=g, MODE=mode,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk,
         PERM=cfg["PERM"], INTERP=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if sk != 1:
-        out.copy_(dst)
+        out.copy_(dst.sum(0))
     return out
 
 

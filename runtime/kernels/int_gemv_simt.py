@@ -10,8 +10,8 @@ and the zero and scale are applied once per group and row, after the sum:
 
     sum_k (q_k - z) * s * x_k = s * (sum_k q_k x_k - z * sum_k x_k)     (+ m * sum_k x_k for mins)
 
-Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (SPLIT_K > 1 adds float32 partial
-sums atomically into a zeroed buffer): small N needs the split to fill every SM.
+Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (SPLIT_K > 1 writes float32 partial
+sums that the launcher adds in a fixed order): small N needs the split to fill every SM.
 """
 from __future__ import annotations
 
@@ -72,12 +72,11 @@ def _int_gemv_simt_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stri
                 acc += s[:, None] * dot + mn[:, None] * xsum[None, :]
             else:
                 acc += s[:, None] * (dot - (1 << (BITS - 1)) * xsum[None, :])
-    o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    # SPLIT_K > 1: partial sums go to slice pid_k of a [SPLIT_K, M, N] float32 buffer, summed
+    # afterwards in a fixed order (atomics would make results vary from run to run)
+    o_ptrs = out_ptr + pid_k * M * stride_om + offs_m[None, :] * stride_om + offs_n[:, None]
     o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    if SPLIT_K == 1:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def simt_cfg(bn, bk, sk=1, nw=4, bm=1):
@@ -106,7 +105,7 @@ def simt_launch(x, qw, scales, zt, dst, N, K, g, mode, bits, cfg):
     M = x.shape[0]
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     _int_gemv_simt_kernel[grid](
-        x, qw, scales, zt, dst, M, N, K, K // g, x.stride(0), dst.stride(0), K * bits // 32,
+        x, qw, scales, zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2), K * bits // 32,
         BITS=bits, GROUP=g, MODE=mode, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_M=cfg["BLOCK_M"], SPLIT_K=cfg["SPLIT_K"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])

@@ -79,12 +79,11 @@ def _nf4_gemv_kernel(x_ptr, qw_ptr, a_ptr, aq_ptr, a2_ptr, dmap_ptr, off_ptr, lu
             xt = load_xt(x_ptr, ks, M, stride_xm, SUBK, BLOCK_M, 8, False)   # [SUBK, BM]
             acc = dot_acc(w, xt, acc, INTERP)
     offs_m = tl.arange(0, BLOCK_M)
-    o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    # SPLIT_K > 1: partial sums go to slice pid_k of a [SPLIT_K, M, N] float32 buffer, summed
+    # afterwards in a fixed order (atomics would make results vary from run to run)
+    o_ptrs = out_ptr + pid_k * M * stride_om + offs_m[None, :] * stride_om + offs_n[:, None]
     o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    if SPLIT_K == 1:
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
-        tl.atomic_add(o_ptrs, acc, mask=o_mask, sem="relaxed")
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def _cfg(bn, bk, sk=1, nw=4, ns=1, bm=16):
@@ -111,16 +110,16 @@ def launch(x, t, spec, N, K, cfg, out=None):
     sk = cfg["SPLIT_K"]
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    dst = out if sk == 1 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _nf4_gemv_kernel[grid](
         x, t["qweight"].view(torch.int32), a, aq, a2, dm, off, lut(spec.fmt, x.dtype, x.device),
-        dst, M, N, K, K // group_of(spec, K), x.stride(0), dst.stride(0), GROUP=group_of(spec, K),
+        dst, M, N, K, K // group_of(spec, K), x.stride(0), dst.stride(-2), GROUP=group_of(spec, K),
         DQ=spec.double_quant, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if sk != 1:
-        out.copy_(dst)
+        out.copy_(dst.sum(0))
     return out
 
 
