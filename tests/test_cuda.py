@@ -77,16 +77,26 @@ def test_quantized_streaming_equals_resident_on_gpu(quant, tiny_models, tmp_path
             assert llm.plan.blocks[1].nbytes == qbytes        # the packed bytes are what streams
 
 
+def _cpu_gpu_logits(path, ids, **kw):
+    out = []
+    for device in ("cpu", "cuda"):
+        with exa.Inference(str(path), offload="none", device=device, progress=False, **kw) as llm:
+            out.append(llm.logits(ids))
+    return out
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
 @pytest.mark.parametrize("quant", QSPECS)
 def test_quantized_gpu_matches_cpu_reference(quant, tiny_models):
-    """The GPU path (kernels, bf16) agrees with the CPU reference path (fp32) within bf16 noise."""
+    """The GPU path (kernels, bf16) agrees with the CPU reference path (fp32) as closely as the
+    unquantized model's bf16 GPU run agrees with its fp32 CPU run (bf16 noise, not kernel error)."""
     path = tiny_models("llama")
     ids = _ids(b=2)
     g = 32 if quant.startswith("int") else None
-    with exa.Inference(str(path), offload="none", quantize=quant, group_size=g, device="cpu", progress=False) as llm:
-        want = llm.logits(ids)
-    with exa.Inference(str(path), offload="none", quantize=quant, group_size=g, device="cuda",
-                       progress=False) as llm:
-        got = llm.logits(ids)
-    rel = float((got - want).norm() / want.norm())          # bf16 vs fp32: a few 1e-3
-    assert rel < 2e-2 and float((got - want).abs().max()) < 0.3, (quant, rel)
+    base = _rel(*reversed(_cpu_gpu_logits(path, ids)))
+    want, got = _cpu_gpu_logits(path, ids, quantize=quant, group_size=g)
+    rel = _rel(got, want)
+    assert rel < 2 * base + 5e-3, (quant, rel, base)
