@@ -12,13 +12,13 @@ from runtime.checkpoint import open_checkpoint
 from runtime.loader import (assign_layouts, build_skeleton, define_blocks, pack_block, quantize_skeleton,
                             resolve_sources)
 from runtime.qcheckpoint import write_checkpoint
-from runtime.quant.spec import spec_from_name
+from runtime.quant.spec import QuantSpec, spec_from_name
 
 log = logging.getLogger("exa.quantize")
 
 
 class Quantize:
-    """Quantize a Hugging Face model (RTN), never holding more than one block in memory.
+    """Quantize a Hugging Face model (RTN, GPTQ or AWQ), never holding more than one block in memory.
 
     Args:
         model_id: local directory, .gguf file or hub id of the float model.
@@ -37,16 +37,47 @@ class Quantize:
             quantized weights.
         sym: symmetric int grid (no zero points).
         verbose: log every layer's relative quantization error (else only problems are logged).
+        method: "rtn" (round to nearest, no data), "gptq" or "awq" (calibrated, layer by layer
+            through the engine's blocks; int formats only, stored with uint8 zero points).
+        calibration: calibration text for gptq/awq: a UTF-8 file, a list of strings, or None for
+            the built-in text (the second half of lee_background; the first half is kept for
+            evaluation).
+        calibration_samples: number of calibration windows (default 128).
+        calibration_seqlen: tokens per window (default 512).
+        damp_percent: GPTQ dampening, a fraction of the Hessian's mean diagonal (default 0.01).
+        desc_act: GPTQ act-order (columns by decreasing Hessian diagonal; groups stay static,
+            in natural column order, since the format has no g_idx).
+        static_groups: GPTQ: compute every group's grid from the original weights up front.
+        true_sequential: GPTQ: quantize q/k/v, o, gate/up, down in turn, re-running the layer.
+        device: where calibration runs ("cuda" when available, else "cpu").
     """
 
     def __init__(self, model_id: str, bits: int | None = None, quant_type: str = "int4", group_size: int | None = 128,
                  threshold: float = 6.0, skip_modules: Sequence[str] = ("lm_head",), use_double_quant: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16, enable_fp32_cpu_offload: bool = False,
-                 has_fp16_weight: bool = False, verbose: bool = False, sym: bool = False):
+                 has_fp16_weight: bool = False, verbose: bool = False, sym: bool = False,
+                 method: str = "rtn", calibration=None, calibration_samples: int = 128,
+                 calibration_seqlen: int = 512, damp_percent: float = 0.01, desc_act: bool = False,
+                 static_groups: bool = False, true_sequential: bool = True, device: str | None = None):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
-        self.spec = spec_from_name(quant_type, bits=bits, group_size=group_size, sym=sym,
-                                   double_quant=use_double_quant, threshold=threshold)
+        if method not in ("rtn", "gptq", "awq"):
+            raise ValueError(f"method must be 'rtn', 'gptq' or 'awq', got {method!r}")
+        if method == "rtn":
+            self.spec = spec_from_name(quant_type, bits=bits, group_size=group_size, sym=sym,
+                                       double_quant=use_double_quant, threshold=threshold)
+        else:                                     # the GPTQ/AWQ grid: int codes, uint8 zero points
+            named = {"int2": 2, "int3": 3, "int4": 4}.get(str(quant_type).lower())
+            if bits is None and named is None:
+                raise ValueError(f"method={method!r} writes the int format (int2/int3/int4, or bits=8), "
+                                 f"not {quant_type!r}")
+            self.spec = QuantSpec("int", bits if bits is not None else named, group_size or 128, sym=sym,
+                                  zero_mode="int")
+        self.method, self.calibration = method, calibration
+        self.calib_kwargs = dict(n_samples=calibration_samples, seqlen=calibration_seqlen, device=device)
+        self.calib_options = dict(damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups,
+                                  true_sequential=true_sequential)
+        self.losses: dict[str, float] = {}         # gptq/awq: layer -> loss (None: resumed)
         self.model_id, self.skip_modules = model_id, list(skip_modules)
         self.compute_dtype, self.verbose = compute_dtype, verbose
         self.metadata: dict = {}
@@ -70,8 +101,14 @@ class Quantize:
         """Extra key/values saved in the checkpoint's manifest (and shown in the hub model card)."""
         self.metadata.update(metadata)
 
-    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
-        """Quantize block by block and write an exa checkpoint (atomically) to ``out_dir``."""
+    def save(self, out_dir: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
+        """Quantize block by block and write an exa checkpoint (atomically) to ``out_dir``.
+
+        gptq/awq write block by block into ``out_dir`` and resume an interrupted run with the
+        same settings (finished blocks are verified and kept); ``exa.json`` is written last.
+        """
+        if self.method != "rtn":
+            return self._calibrated(out_dir, overwrite, progress)
         if self._prepared is None:
             self.load_model()
         ckpt, blocks = self._prepared
@@ -103,6 +140,18 @@ class Quantize:
         return Inference(str(download(repo_id)), **inference_kwargs)
 
     # -- internals --------------------------------------------------------------------------
+    def _calibrated(self, out_dir, overwrite: bool, progress: bool) -> Path:
+        from runtime.quant.calibrate import CalibOptions, calibrate
+        res = calibrate(self.model_id, out_dir, self.spec, self.method, calibration=self.calibration,
+                        compute_dtype=self.compute_dtype, skip_modules=self.skip_modules,
+                        options=CalibOptions(**self.calib_options), overwrite=overwrite, progress=progress,
+                        metadata=self.metadata, **self.calib_kwargs)
+        self.losses = res.losses
+        if self.verbose:
+            for name, loss in res.losses.items():
+                log.info("%s: %s loss %s", name, self.method, "resumed" if loss is None else f"{loss:.4g}")
+        return res.path
+
     def _record(self, name: str, w: torch.Tensor, packed: dict, spec) -> None:
         from runtime.quant import module_for
         deq = module_for(spec).dequantize({k: v.to(w.device) for k, v in packed.items()}, spec, *w.shape)

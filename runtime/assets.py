@@ -92,3 +92,17 @@ def default_model_safetensors() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def lee_background_split() -> tuple[str, str]:
+    """lee_background cut in two disjoint halves: ``(evaluation, calibration)``.
+
+    Evaluation is the first half of the text (by characters, cut at the first line break after
+    the middle), the part every perplexity figure scores from its start; calibration data for
+    GPTQ / AWQ is taken from the second half, so calibrated models are never scored on the
+    text they were calibrated on.
+    """
+    text = lee_background().read_text(encoding="utf-8")
+    cut = text.find("\n", len(text) // 2)
+    cut = len(text) // 2 if cut < 0 else cut + 1
+    return text[:cut], text[cut:]

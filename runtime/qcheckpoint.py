@@ -79,13 +79,7 @@ def write_checkpoint(out_dir: str | Path, blocks: Iterable, pack: Callable, *, c
         config.save_pretrained(tmp)
         if tokenizer_dir is not None:
             tokenizer_dir(tmp)
-        manifest = {"format": "exa", "version": FORMAT_VERSION, "quantization": quant,
-                    "skip_modules": list(skip_modules), "dtype": str(dtype).removeprefix("torch."),
-                    "blocks": rows, "metadata": metadata}
-        with open(tmp / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        _write_json(tmp / MANIFEST, _manifest(rows, quant, skip_modules, dtype, metadata))
         _fsync_dir(tmp / "blocks")
         _fsync_dir(tmp)
         if out.exists():
@@ -96,6 +90,103 @@ def write_checkpoint(out_dir: str | Path, blocks: Iterable, pack: Callable, *, c
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _manifest(rows: list, quant: dict | None, skip_modules, dtype: torch.dtype, metadata: dict) -> dict:
+    return {"format": "exa", "version": FORMAT_VERSION, "quantization": quant,
+            "skip_modules": list(skip_modules), "dtype": str(dtype).removeprefix("torch."),
+            "blocks": rows, "metadata": metadata}
+
+
+def _write_json(path: Path, obj, atomic: bool = False) -> None:
+    tmp = path.with_name(path.name + ".tmp") if atomic else path
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    if atomic:
+        os.replace(tmp, path)
+
+
+def read_shard(path: Path) -> torch.Tensor:
+    """The block buffer (uint8) of a shard written by ``write_shard``."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("block")
+
+
+class ResumableWriter:
+    """Writes an exa checkpoint block by block straight into ``out_dir``, resumable after a crash.
+
+    Each shard is written to a temporary file and renamed into ``out_dir/blocks``; a progress
+    file (``.exa-progress.json``, replaced atomically after every block) records the finished
+    blocks (file, sha256, layout) and the run's ``settings``. A rerun with the same settings
+    skips every block whose shard still matches its sha256 (``done`` returns its buffer); with
+    other settings it refuses unless ``overwrite``. ``finish`` writes config, tokenizer and,
+    last, ``exa.json``: until then the directory is not a loadable checkpoint.
+    """
+
+    PROGRESS = ".exa-progress.json"
+
+    def __init__(self, out_dir: str | Path, settings: dict, overwrite: bool = False):
+        self.out = Path(out_dir)
+        self.settings = json.loads(json.dumps(settings))          # normalised (tuples -> lists)
+        prog = self.out / self.PROGRESS
+        state = json.loads(prog.read_text()) if prog.is_file() else None
+        busy = self.out.exists() and any(self.out.iterdir())
+        if busy and (state is None or state.get("settings") != self.settings):
+            if not overwrite:
+                why = ("holds a run with other settings" if state is not None
+                       else "exists and is not empty")
+                raise FileExistsError(f"{self.out} {why} (pass overwrite=True to replace it)")
+            shutil.rmtree(self.out)
+            state = None
+        (self.out / "blocks").mkdir(parents=True, exist_ok=True)
+        self.rows: dict[str, dict] = {r["name"]: r for r in (state or {}).get("rows", [])}
+
+    def done(self, index: int, block) -> torch.Tensor | None:
+        """The finished buffer of ``block`` if a previous run wrote it intact, else None."""
+        row = self.rows.get(block.name)
+        if row is None or row["file"] != self._fname(index, block) or row["layout"] != block.layout.to_json():
+            return None
+        try:
+            buf = read_shard(self.out / row["file"])
+        except Exception:
+            buf = None
+        if buf is None or hashlib.sha256(memoryview(buf.numpy())).hexdigest() != row["sha256"]:
+            del self.rows[block.name]
+            return None
+        return buf
+
+    def write(self, index: int, block, buf: torch.Tensor) -> None:
+        fname = self._fname(index, block)
+        tmp = self.out / (fname + ".tmp")
+        sha = write_shard(tmp, buf[: block.layout.nbytes], block.layout)
+        os.replace(tmp, self.out / fname)
+        _fsync_dir(self.out / "blocks")
+        self.rows[block.name] = {"name": block.name, "kind": block.kind, "file": fname, "sha256": sha,
+                                 "nbytes": block.layout.nbytes, "layout": block.layout.to_json()}
+        _write_json(self.out / self.PROGRESS, {"settings": self.settings, "rows": list(self.rows.values())},
+                    atomic=True)
+
+    def finish(self, order: list[str], *, config, tokenizer_dir: Callable | None, quant: dict | None,
+               skip_modules, dtype: torch.dtype, metadata: dict) -> Path:
+        """Write config, tokenizer and the manifest (blocks in ``order``); drop the progress file."""
+        missing = [n for n in order if n not in self.rows]
+        if missing:
+            raise RuntimeError(f"cannot finish {self.out}: blocks {missing} were not written")
+        config.save_pretrained(self.out)
+        if tokenizer_dir is not None:
+            tokenizer_dir(self.out)
+        rows = [self.rows[n] for n in order]
+        _write_json(self.out / MANIFEST, _manifest(rows, quant, skip_modules, dtype, metadata), atomic=True)
+        (self.out / self.PROGRESS).unlink(missing_ok=True)
+        _fsync_dir(self.out)
+        return self.out
+
+    @staticmethod
+    def _fname(index: int, block) -> str:
+        return f"blocks/{index:05d}-{block.name}.safetensors"
 
 
 def is_exa_checkpoint(path: Path) -> bool:

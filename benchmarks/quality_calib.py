@@ -1,0 +1,119 @@
+"""Perplexity of calibrated quantization (GPTQ, AWQ) against RTN and bitsandbytes nf4.
+
+Model: SmolLM2-135M-Instruct (the embedded default model; fp32 baseline = its GGUF weights
+dequantized). Text: lee_background split in two disjoint halves (runtime.assets.
+lee_background_split): GPTQ / AWQ calibrate on windows of the second half, every row is scored
+on the first ``--max-tokens`` tokens of the first half (sliding window 1,024, stride 512).
+RTN rows use the same int grid (uint8 zero points) as GPTQ / AWQ; the "min" row is exa's
+default int4 grid (GGUF Q4_1 style). Calibrated checkpoints are written with float32
+embeddings / norms / lm_head, like the on-the-fly rows.
+
+The source weights already lie on an asymmetric int4 group-32 grid (GGUF Q4_1), so this small
+model is unusually sensitive to re-quantization at group 128; see RESULTS.md.
+
+    python benchmarks/quality_calib.py --max-tokens 4096 --samples 64 --grid 10 --awq-samples 16 --out quality_calib.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality import bnb_ppl, exa_ppl  # noqa: E402
+
+from runtime.assets import default_model_safetensors, lee_background_split  # noqa: E402
+from runtime.quant.calibrate import CalibOptions, calibrate  # noqa: E402
+from runtime.quant.spec import QuantSpec  # noqa: E402
+
+
+def rows_for(args) -> list[tuple[str, str, QuantSpec | None]]:
+    """(label, method, spec) of every row: method "fp", "rtn", "gptq", "gptq-act", "awq", "bnb"."""
+    rows = [("baseline (fp32)", "fp", None), ("bitsandbytes nf4 (block 64)", "bnb", None)]
+    for bits in args.bits:
+        spec = QuantSpec("int", bits, args.group_size, zero_mode="int")
+        g = f"g{args.group_size}"
+        rows += [(f"RTN int{bits} {g}", "rtn", spec), (f"GPTQ int{bits} {g}", "gptq", spec)]
+        if args.act_order:
+            rows.append((f"GPTQ int{bits} {g} act-order", "gptq-act", spec))
+        rows.append((f"AWQ int{bits} {g}", "awq", spec))
+        if bits == 4:
+            rows.append((f"RTN int4 {g} (min grid, exa's default)", "rtn",
+                         QuantSpec("int", 4, args.group_size, zero_mode="min")))
+    return rows
+
+
+def run(args) -> dict:
+    path = default_model_safetensors()
+    from transformers import AutoTokenizer
+    eval_text, _ = lee_background_split()
+    ids = AutoTokenizer.from_pretrained(str(path))(eval_text, return_tensors="pt")["input_ids"][0]
+    ids = ids[: args.max_tokens] if args.max_tokens else ids
+    work = Path(args.work or tempfile.mkdtemp(prefix="exa-calib-"))
+    out = []
+    for label, method, spec in rows_for(args):
+        if args.only and not any(o in label for o in args.only):
+            continue
+        t = time.perf_counter()
+        calib_s = None
+        if method in ("fp", "rtn"):
+            ppl = exa_ppl(path, spec, ids, args)
+        elif method == "bnb":
+            ppl = bnb_ppl(path, "nf4", ids, args)
+        else:
+            opts = CalibOptions(desc_act=method == "gptq-act", awq_grid=args.grid, damp_percent=args.damp,
+                                awq_search_samples=args.awq_samples)
+            ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
+                           n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
+                           options=opts, overwrite=True, progress=True)
+            calib_s = time.perf_counter() - t
+            ppl = exa_ppl(ck.path, None, ids, args)
+        out.append({"config": label, "ppl": ppl, "s": time.perf_counter() - t, "calib_s": calib_s})
+        print(out[-1], flush=True)
+        if args.out:                                      # partial results survive an interruption
+            Path(args.out).write_text(json.dumps(out, indent=1))
+    base = next((r["ppl"] for r in out if r["config"].startswith("baseline")), out[0]["ppl"])
+    for r in out:
+        r["vs_baseline"] = r["ppl"] / base - 1
+    return {"tokens": int(ids.numel()), "max_length": args.max_length, "stride": args.stride,
+            "calibration": {"samples": args.samples, "seqlen": args.seqlen, "text": "lee_background, 2nd half"},
+            "evaluation": "lee_background, 1st half", "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": out}
+
+
+def table(res: dict) -> str:
+    lines = ["| config | perplexity | vs baseline | calibration s |", "| --- | --- | --- | --- |"]
+    for r in res["rows"]:
+        calib = "" if r["calib_s"] is None else f"{r['calib_s']:.0f}"
+        lines.append(f"| {r['config']} | {r['ppl']:.3f} | {r['vs_baseline'] * 100:+.2f}% | {calib} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=4096, help="score the first N evaluation tokens")
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=64, help="calibration windows (the half has ~73)")
+    ap.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    ap.add_argument("--grid", type=int, default=20, help="AWQ alpha grid points")
+    ap.add_argument("--awq-samples", type=int, default=32, help="windows the AWQ alpha search scores")
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damp_percent")
+    ap.add_argument("--act-order", action="store_true", help="add GPTQ act-order rows")
+    ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
+    ap.add_argument("--work", help="where calibrated checkpoints are written (default: a temp dir)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    res = run(args)
+    print(table(res))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))

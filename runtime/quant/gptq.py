@@ -1,0 +1,221 @@
+"""GPTQ for one linear layer, written in exa's ``int`` format (uint8 zero points, the GPTQ grid).
+
+GPTQ (Frantar et al., 2022) quantizes the columns of ``W [N, K]`` one at a time and spreads each
+column's rounding error over the columns not yet quantized, weighted by the inverse Hessian of
+the layer's reconstruction loss ``||X W^T - X Q^T||^2``, ``H = 2 X^T X / n`` (X: the layer's
+calibration inputs, ``[n, K]``). This module implements the standard algorithm:
+
+* dead inputs (``H[k, k] == 0``) get ``H[k, k] = 1`` and a zero weight column;
+* damping: ``H += damp_percent * mean(diag H) * I`` (retried with 10x more damping, with a
+  warning, if the Cholesky factorisation still fails);
+* ``U = chol(H^-1)^T`` (upper Cholesky factor of the inverse), so the error of column ``j``
+  propagates along row ``j`` of ``U`` only;
+* lazy batch updates: columns are processed in blocks of ``block_size``; inside a block the
+  update is applied to the block's columns only, and to the rest of the matrix once per block;
+* group-wise grids: a group's scale / zero point are computed from its (already updated)
+  weights when its first column is reached, exactly the grid that intq.py stores;
+* act-order (``desc_act``): columns are processed in order of decreasing ``H[k, k]``.
+
+exa's format has no ``g_idx`` (column k always belongs to group ``k // group_size``), so with
+``desc_act=True`` the grids are always *static groups*: computed from the original weights in
+natural column order before the permutation; with that the stored result is exact for the
+format (no reordering is needed at run time). ``static_groups=True`` without act-order also
+computes the grids up front.
+
+All arithmetic is float32; scales are rounded to float16 before codes are chosen (as intq.py
+does), so ``intq.dequantize`` of the result equals the weights GPTQ optimised against.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import intq
+from .spec import QuantSpec
+
+__all__ = ["Hessian", "GPTQResult", "gptq_quantize", "check_spec"]
+
+
+class Hessian:
+    """Running ``H = 2/n * sum x x^T`` over the rows of the inputs seen so far (float32)."""
+
+    def __init__(self, K: int, device: torch.device | str = "cpu"):
+        self.H = torch.zeros(K, K, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate inputs ``x [..., K]`` (every leading position is one sample)."""
+        x = x.detach().reshape(-1, self.H.shape[0]).to(self.H.device, torch.float32)  # [n, K]
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.H.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * math.sqrt(2.0 / self.n)
+        self.H.addmm_(x.t(), x)
+
+
+@dataclass
+class GPTQResult:
+    packed: dict[str, Tensor]      # intq tensors: qweight, scales (, zeros)
+    weight: Tensor                 # the dequantized weight [N, K], float32 (what the format stores)
+    loss: float                    # GPTQ objective: sum over columns of err^2 / (2 * U[j, j]^2)
+
+
+def check_spec(spec: QuantSpec) -> QuantSpec:
+    """GPTQ / AWQ write the int format with integer zero points (or symmetric grids)."""
+    if spec.fmt != "int" or (not spec.sym and spec.zero_mode != "int"):
+        raise ValueError(f"GPTQ/AWQ produce the 'int' format with zero_mode='int' (or sym=True); "
+                         f"got {spec.name}")
+    return spec
+
+
+def _grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale (fp16-rounded, as float32), zero point and stored scale for a group ``w [N, g]``.
+
+    Mirrors intq.quantize exactly: returns ``(s, z, s16)`` with ``s`` the safe divisor.
+    """
+    maxq = (1 << spec.bits) - 1
+    if spec.sym:
+        c = 1 << (spec.bits - 1)
+        s16 = intq._to_half(w.abs().amax(-1) / (c - 1), spec, "scales")
+        z = torch.full_like(s16, c, dtype=torch.float32)
+    else:
+        lo = w.amin(-1).clamp(max=0.0)
+        hi = w.amax(-1).clamp(min=0.0)
+        s16 = intq._to_half((hi - lo) / maxq, spec, "scales")
+        z = torch.round(-lo / intq._safe(s16.float())).clamp(0, maxq)
+    return intq._safe(s16.float()), z, s16
+
+
+def _inverse_factor(H: Tensor, damp_percent: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; more damping (with a warning) if needed."""
+    K = H.shape[0]
+    mean_diag = float(torch.diag(H).mean())
+    damp = damp_percent
+    for attempt in range(6):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Linv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                if attempt:
+                    warnings.warn(f"GPTQ: Hessian ({K}x{K}) needed damp_percent={damp:g} "
+                                  f"(asked {damp_percent:g}) to be positive definite")
+                return Linv
+        damp = max(damp * 10, 1e-4)
+    raise ValueError(f"GPTQ: the Hessian ({K}x{K}) is not positive definite even with "
+                     f"damp_percent={damp:g}; use more / more varied calibration data")
+
+
+def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float = 0.01,
+                  desc_act: bool = False, static_groups: bool = False,
+                  block_size: int = 128) -> GPTQResult:
+    """Quantize ``w [N, K]`` with GPTQ against the input Hessian ``H [K, K]`` (``2 X^T X / n``).
+
+    Args:
+        w: the float weight ``[out, in]`` (not modified).
+        H: the input Hessian, e.g. ``Hessian.H``; moved to ``w``'s device.
+        spec: an int spec with zero_mode "int" or sym (bits 2/3/4/8, group size or -1).
+        damp_percent: fraction of the mean diagonal added to the diagonal.
+        desc_act: act-order (columns by decreasing ``H[k, k]``); implies static groups here.
+        static_groups: compute every group's grid from the original weights up front.
+        block_size: columns per lazy-batch block (rounded to whole groups).
+
+    Returns:
+        a GPTQResult: intq packed tensors, the dequantized weight and the GPTQ loss.
+    """
+    check_spec(spec)
+    N, K = intq.check_weight(w, spec)
+    intq.packed_shapes(spec, N, K)                                   # validates K for the format
+    if tuple(H.shape) != (K, K):
+        raise ValueError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match in_features {K}")
+    dev = w.device
+    W = w.detach().to(torch.float32).clone()                        # [N, K]
+    H = H.detach().to(dev, torch.float32).clone()                   # [K, K]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    g = K if spec.group_size == -1 else spec.group_size
+    G = -(-K // g)
+    static = static_groups or desc_act or spec.group_size == -1
+    scale = torch.empty(N, G, device=dev)                          # safe divisors
+    zero = torch.empty(N, G, device=dev)
+    s16 = torch.empty(N, G, dtype=torch.float16, device=dev)
+    if static:
+        for j in range(G):
+            scale[:, j], zero[:, j], s16[:, j] = _grid(W[:, j * g:(j + 1) * g], spec)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_factor(H, damp_percent)                            # [K, K] upper
+    del H
+    bs = max(1, block_size // g) * g if not static and g <= K else block_size
+    Q = torch.zeros(N, K, dtype=torch.uint8, device=dev)            # codes, permuted order
+    D = torch.zeros_like(W)                                         # dequantized, permuted order
+    loss = torch.zeros((), device=dev)
+    col = perm.tolist() if perm is not None else list(range(K))   # natural column of position j
+    with _few_threads(dev):
+        _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, D = Q[:, inv], D[:, inv]
+    packed = {"qweight": intq.pack_codes(Q, spec.bits), "scales": s16}
+    if not spec.sym:
+        packed["zeros"] = zero.to(torch.uint8)
+    return GPTQResult(packed, D, float(loss))
+
+
+@contextmanager
+def _few_threads(dev: torch.device):
+    """The column loop runs thousands of tiny ops: on a CPU, one thread beats several
+    (no per-op thread hand-off, which dominates on a busy machine)."""
+    if dev.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static) -> None:
+    """The GPTQ column loop with lazy batch updates (fills Q, D, loss and, for dynamic groups,
+    scale / zero / s16 in place)."""
+    maxq = (1 << spec.bits) - 1
+    K = W.shape[1]
+    for b0 in range(0, K, bs):
+        b1 = min(b0 + bs, K)
+        W1, U1 = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
+        E1 = torch.zeros_like(W1)
+        for i in range(b1 - b0):
+            j = b0 + i                                              # position in processing order
+            grp = col[j] // g
+            if not static and col[j] % g == 0:                 # natural order: group starts here
+                scale[:, grp], zero[:, grp], s16[:, grp] = _grid(W1[:, i:i + g], spec)
+            x, d = W1[:, i], U1[i, i]
+            q = torch.clamp(torch.round(x / scale[:, grp]) + zero[:, grp], 0, maxq)
+            dq = (q - zero[:, grp]) * scale[:, grp]
+            Q[:, j], D[:, j] = q.to(torch.uint8), dq
+            err = (x - dq) / d
+            loss += (err * err).sum() / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+
+
+def rtn_loss(w: Tensor, H: Tensor, spec: QuantSpec) -> float:
+    """``tr((W - Q) H (W - Q)^T) / 2`` of plain RTN, for comparison with GPTQResult.loss."""
+    fmt_t = intq.quantize(w, spec)
+    dw = intq.dequantize(fmt_t, spec, *w.shape) - w.float()
+    return float(((dw @ H.float()) * dw).sum() / 2)
