@@ -1,8 +1,11 @@
 """Reading model checkpoints tensor by tensor, never the whole model at once.
 
 Sources: a local Hugging Face directory (config.json + one or several safetensors shards with an
-index), a GGUF file (through transformers' GGUF reader), or a hub id (downloaded with
-huggingface_hub when online). Every problem is reported as a CheckpointError naming the file.
+index), a GGUF file (through transformers' GGUF reader, or natively quantized with
+``gguf_native``), or a hub id (downloaded with huggingface_hub when online). Directories whose
+config.json has a GPTQ / AWQ / bitsandbytes ``quantization_config`` are read through
+``runtime.importers`` (converted to exa's formats, linear by linear). Every problem is reported
+as a CheckpointError naming the file.
 """
 from __future__ import annotations
 
@@ -81,11 +84,19 @@ def classify(model: str | os.PathLike) -> tuple[str, Path | str]:
     raise CheckpointError(f"model path {str(model)!r} does not exist (and is not a hub id like 'org/name')")
 
 
-def open_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False) -> Checkpoint:
-    """Open a local directory, a .gguf file or a hub id."""
+def open_checkpoint(model: str | os.PathLike, trust_remote_code: bool = False,
+                    gguf_native: bool | None = None) -> Checkpoint:
+    """Open a local directory, a .gguf file or a hub id.
+
+    ``gguf_native``: read a .gguf file's quantized linears as they are (Q4_0 / Q4_1 / Q8_0 /
+    Q4_K / Q6_K into exa's int format, see ``runtime.importers.gguf``) instead of dequantizing
+    the whole file to float. Default: the ``EXA_GGUF_NATIVE`` environment variable ("1"), else off.
+    """
     kind, where = classify(model)
     if kind == "gguf":
-        return _open_gguf(where)
+        if gguf_native is None:
+            gguf_native = os.environ.get("EXA_GGUF_NATIVE", "") not in ("", "0")
+        return _open_gguf_native(where) if gguf_native else _open_gguf(where)
     if kind == "hub":
         where = _download(where)
     return _open_dir(where, trust_remote_code)
@@ -145,7 +156,23 @@ def _open_dir(path: Path, trust_remote_code: bool) -> Checkpoint:
                 files[name] = shard
     ck = Checkpoint(config, files, path, {"pretrained_model_name_or_path": str(path)})
     ck.generation_config = _load_generation_config(path)
-    return ck
+    return _maybe_imported(ck)
+
+
+def _maybe_imported(ck: Checkpoint) -> Checkpoint:
+    """Wrap a GPTQ / AWQ / bitsandbytes checkpoint so it reads as exa packed tensors."""
+    qcfg = getattr(ck.config, "quantization_config", None)
+    if qcfg is None:
+        return ck
+    qcfg = qcfg if isinstance(qcfg, dict) else qcfg.to_dict()
+    from runtime.importers import importer_for
+    from runtime.importers.checkpoint import ImportedCheckpoint
+    importer = importer_for(qcfg)
+    if importer is None:
+        raise CheckpointError(f"{ck.root / 'config.json'}: quantization_config with quant_method "
+                              f"{qcfg.get('quant_method')!r} is not supported (gptq, awq, bitsandbytes)")
+    del ck.config.quantization_config            # the skeleton is built unquantized, then swapped
+    return ImportedCheckpoint(ck, importer, qcfg)
 
 
 def _load_generation_config(path: Path):
@@ -199,6 +226,19 @@ def _open_gguf(path: Path) -> Checkpoint:
     ck = Checkpoint(config, {}, path, kw, tensors=tensors)
     ck.fingerprint = lambda: _file_fingerprint(path)  # type: ignore[method-assign]
     return ck
+
+
+def _open_gguf_native(path: Path) -> Checkpoint:
+    """GGUF with its quantized linears kept quantized (runtime.importers.gguf_checkpoint)."""
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise CheckpointError(f"reading {path} needs the gguf package: pip install 'exa[gguf]' ({e})") from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read GGUF file {path} (truncated or corrupt?): {e}") from e
+    from runtime.importers.gguf_checkpoint import GGUFNativeCheckpoint
+    return GGUFNativeCheckpoint(path, config)
 
 
 def _file_fingerprint(p: Path) -> str:

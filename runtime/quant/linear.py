@@ -4,6 +4,11 @@ The packed tensors of the format (``runtime.quant.spec``) are registered as para
 their own names (``qweight``, ``scales``, ``zeros`` / ``mins``, ``absmax`` ...), created on
 ``device`` (meta by default) so that the engine can bind them as views into block buffers
 exactly like the parameters of an ordinary layer.
+
+With ``spec.act_order`` (imported GPTQ act-order checkpoints) the module also holds ``perm``
+int32 ``[K]``: the packed weight's columns are the original ones in ``perm`` order, and
+``forward`` gathers ``x[..., perm]`` before the quantized matmul (exact: a reordering of the
+dot product's terms only changes the float summation order).
 """
 from __future__ import annotations
 
@@ -61,6 +66,11 @@ class QuantLinear(nn.Module):
                                      requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        if getattr(spec, "act_order", False):   # input permutation (see the module docstring)
+            self.perm = nn.Parameter(torch.empty(self.in_features, dtype=torch.int32, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("perm", None)
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -72,7 +82,17 @@ class QuantLinear(nn.Module):
         return {name: getattr(self, name) for name in self.packed_names}
 
     def load_packed(self, t: dict[str, Tensor]) -> None:
-        """Copy packed tensors (from the format's ``quantize``) into the parameters."""
+        """Copy packed tensors (from the format's ``quantize``) into the parameters.
+
+        With ``spec.act_order`` a ``perm`` int32 ``[K]`` may be given too (default: identity).
+        """
+        if self.perm is not None:
+            perm = t.get("perm", torch.arange(self.in_features, dtype=torch.int32))
+            if tuple(perm.shape) != (self.in_features,):
+                raise ValueError(f"QuantLinear({self.spec.name}): perm should be [{self.in_features}], "
+                                 f"got {tuple(perm.shape)}")
+            with torch.no_grad():
+                self.perm.copy_(perm.to(torch.int32))
         for name in self.packed_names:
             p = getattr(self, name)
             if name not in t or tuple(t[name].shape) != tuple(p.shape) or t[name].dtype != p.dtype:
@@ -83,11 +103,18 @@ class QuantLinear(nn.Module):
                 p.copy_(t[name])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The reference weight ``[N, K]`` in ``dtype``."""
-        return _fmt(self.spec).dequantize(self.packed(), self.spec, self.out_features,
-                                          self.in_features, dtype=dtype)
+        """The reference weight ``[N, K]`` in ``dtype``, in the original column order."""
+        w = _fmt(self.spec).dequantize(self.packed(), self.spec, self.out_features,
+                                       self.in_features, dtype=dtype)
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm.long()] = w                     # W[:, perm[j]] = Wp[:, j]
+        return out
 
     def forward(self, x: Tensor) -> Tensor:  # [..., K] -> [..., N]
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm.to(device=x.device, dtype=torch.long))  # [..., K] permuted
         return _fmt(self.spec).linear(x, self.packed(), self.spec, self.out_features,
                                       self.in_features, self.bias)
 

@@ -24,6 +24,9 @@ Every format turns a weight ``W [out, in]`` (``in`` = K, ``out`` = N) into a few
       ``absmax = DYN[absmax_q] * absmax2[i // 256] + offset`` with DYN = bitsandbytes'
       ``create_dynamic_map()`` (256 sorted values, DYN[0] = -0.99297, DYN[255] = 1) and
       ``absmax2`` = max |absmax - offset| over its run of 256.
+* ``act_order`` (int only; imported GPTQ "desc_act" checkpoints): the layer also stores
+  ``perm`` int32 ``[K]``; the packed weight's columns are the original columns in ``perm`` order
+  (``Wp[:, j] = W[:, perm[j]]``, so every group is contiguous) and ``y = x[..., perm] @ Wp.T``.
 * ``int8`` (LLM.int8 style): ``qweight`` int8 ``[N, K]``, ``scales`` float32 ``[N]`` (row absmax/127);
   at run time the input columns whose magnitude exceeds ``threshold`` (any row) are multiplied
   in 16-bit with the dequantized weight columns, the rest in int8 with int32 accumulation.
@@ -44,6 +47,7 @@ class QuantSpec:
     zero_mode: str = "min"        # int asym only: "int" | "min"
     double_quant: bool = False    # nf4/fp4 only
     threshold: float = 6.0        # int8 only: outlier threshold
+    act_order: bool = False       # int only: + perm int32 [K], input columns gathered first
 
     def __post_init__(self):
         if self.fmt not in FORMATS:
@@ -55,13 +59,16 @@ class QuantSpec:
             raise ValueError(f"group_size must be -1 or a positive multiple of 8, got {self.group_size}")
         if self.zero_mode not in ("int", "min"):
             raise ValueError(f"zero_mode must be 'int' or 'min', got {self.zero_mode!r}")
+        if self.act_order and self.fmt != "int":
+            raise ValueError(f"act_order (an input permutation) exists for fmt 'int' only, not {self.fmt!r}")
 
     @property
     def name(self) -> str:
         if self.fmt != "int":
             return self.fmt + ("-dq" if self.double_quant else "")
         g = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        return f"int{self.bits}-{g}-{'sym' if self.sym else 'asym-' + self.zero_mode}"
+        perm = "-perm" if self.act_order else ""
+        return f"int{self.bits}-{g}-{'sym' if self.sym else 'asym-' + self.zero_mode}{perm}"
 
     def to_json(self) -> dict:
         return asdict(self)
