@@ -55,6 +55,13 @@ def _device(text: str) -> str:
     return text
 
 
+def _cluster(text: str):
+    parts = [t.strip() for t in text.split(",")]
+    if all(re.fullmatch(r"cpu|cuda(:\d+)?", t) for t in parts):
+        return parts
+    return text
+
+
 # -- the parser ----------------------------------------------------------------------------
 def _placement_args(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``plan``: where the model may live."""
@@ -77,6 +84,9 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    help="largest batch the KV cache is sized for (default 1)")
     p.add_argument("--quantize", choices=QUANT_TYPES, help="quantize the weights while loading (RTN)")
     p.add_argument("--group-size", type=int, metavar="G", help="quantization group size (default 128; nf4/fp4 64)")
+    p.add_argument("--cluster", type=_cluster, metavar="WHERE",
+                   help="split the layers into pipeline stages: 'auto' (local Ray cluster), a Ray address "
+                        "(ray://host:10001, host:6379) or devices 'cuda:0,cuda:1'; budgets are per worker")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,11 +127,20 @@ def _parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=_cmd_ppl)
 
     q = sub.add_parser("quantize", help="quantize MODEL block by block into an exa checkpoint",
-                       description="Round-to-nearest quantization, one block in memory at a time.")
+                       description="Round-to-nearest (rtn) or calibrated (gptq, awq) quantization, one "
+                                   "block in memory at a time; an interrupted gptq/awq run resumes.")
     q.add_argument("model", metavar="MODEL", help="local model directory, .gguf file or hub id")
     q.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
-    q.add_argument("--method", choices=("rtn",), default="rtn", help="quantization method (default rtn)")
+    q.add_argument("--method", choices=("rtn", "gptq", "awq"), default="rtn",
+                   help="rtn (no data), gptq or awq (calibrated; int formats) (default rtn)")
     q.add_argument("--quant-type", choices=QUANT_TYPES, default="int4", help="default int4")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), help="int bits (instead of --quant-type)")
+    q.add_argument("--calib", metavar="FILE", help="gptq/awq calibration text (default: built-in text)")
+    q.add_argument("--calib-samples", type=_count, default=128, metavar="N", help="windows (default 128)")
+    q.add_argument("--calib-seqlen", type=_count, default=512, metavar="N", help="tokens each (default 512)")
+    q.add_argument("--damp", type=float, default=0.01, help="gptq dampening (default 0.01)")
+    q.add_argument("--desc-act", action="store_true", help="gptq act-order (static groups)")
+    q.add_argument("--device", type=_device, metavar="DEVICE", help="where gptq/awq run (default: cuda if present)")
     q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric int grid")
     q.add_argument("--double-quant", action="store_true", help="nf4/fp4: quantize absmax too")
@@ -147,7 +166,7 @@ def _cmd_run(args) -> None:
                         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk,
                         offload_dir=args.offload_dir, device=args.device, dtype=_dtype(args.dtype),
                         prefetch_depth=args.prefetch_depth, max_context=args.max_context,
-                        batch_size=args.batch_size, progress=sys.stderr.isatty())
+                        batch_size=args.batch_size, progress=sys.stderr.isatty(), cluster=args.cluster)
     with llm:
         llm.tokenizer                       # loaded lazily: count it as loading, not as generating
         load_s = time.perf_counter() - t0
@@ -178,6 +197,10 @@ def _cmd_plan(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _dtype(args.dtype) or default_dtype(config, device)
     no_gpu = device.type == "cuda" and not torch.cuda.is_available()
+    if args.cluster is not None:
+        print(f"Model: {args.model or DEFAULT_MODEL_NAME} ({_describe(config)})")
+        print(_cluster_plan(args, config).table())
+        return
     placement = plan_model(
         config, device=device, dtype=dtype, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, prefetch_depth=args.prefetch_depth,
@@ -187,6 +210,20 @@ def _cmd_plan(args) -> None:
     print(placement.table())
     if no_gpu:
         print("note: no GPU on this machine: predicted speeds use typical GPU bandwidths, not measured ones")
+
+
+def _cluster_plan(args, config):
+    """Probe the cluster's workers and split the model over them; nothing is loaded."""
+    from runtime.distributed.pipeline import Pipeline, make_workers
+    workers, started = make_workers(args.cluster)
+    pipe = Pipeline(str(args.model or ""), config, workers, load=False, owns_ray=started, offload=args.offload,
+                    max_gpu_memory=args.max_gpu_memory, max_cpu_memory=args.max_cpu_memory,
+                    max_disk=args.max_disk, dtype=_dtype(args.dtype), prefetch_depth=args.prefetch_depth,
+                    batch_size=args.batch_size, max_context=args.max_context, quant=_spec(args))
+    try:
+        return pipe.placement
+    finally:
+        pipe.close()
 
 
 def _spec(args):
@@ -202,7 +239,8 @@ def _cmd_ppl(args) -> None:
                         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, offload_dir=args.offload_dir,
                         device=args.device, dtype=_dtype(args.dtype), prefetch_depth=args.prefetch_depth,
                         max_context=max(args.max_context, args.max_length), batch_size=args.batch_size,
-                        quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty())
+                        quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty(),
+                        cluster=args.cluster)
     with llm:
         t = time.perf_counter()
         value = exa.perplexity(llm, text, max_tokens=args.max_tokens, stride=args.stride,
@@ -218,10 +256,22 @@ def _cmd_quantize(args) -> None:
     import exa
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    q = exa.Quantize(args.model, quant_type=args.quant_type, group_size=args.group_size, sym=args.sym,
-                     use_double_quant=args.double_quant, threshold=args.threshold, skip_modules=args.skip,
-                     verbose=args.verbose)
-    out = q.save(args.out, overwrite=args.overwrite)
+    quant_type = args.quant_type
+    if args.bits is not None and args.method == "rtn":
+        quant_type = "int" if args.bits != 8 else "int8"
+    q = exa.Quantize(args.model, bits=args.bits, quant_type=quant_type, group_size=args.group_size,
+                     sym=args.sym, use_double_quant=args.double_quant, threshold=args.threshold,
+                     skip_modules=args.skip, verbose=args.verbose, method=args.method,
+                     calibration=args.calib, calibration_samples=args.calib_samples,
+                     calibration_seqlen=args.calib_seqlen, damp_percent=args.damp, desc_act=args.desc_act,
+                     device=args.device)
+    out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    if q.losses:
+        done = {k: v for k, v in q.losses.items() if v is not None}
+        worst = max(done.items(), key=lambda kv: kv[1]) if done else None
+        print(f"wrote {out} ({args.method} {q.spec.name}); " + (
+            f"largest layer loss: {worst[0]} {worst[1]:.4g}" if worst else "all layers resumed"))
+        return
     worst = max(q.errors.items(), key=lambda kv: kv[1]) if q.errors else None
     print(f"wrote {out} ({q.spec.name}); worst layer: {worst[0]} relative error {worst[1]:.4f}" if worst
           else f"wrote {out} ({q.spec.name})")

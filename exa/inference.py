@@ -42,6 +42,16 @@ class Inference:
             checkpoint saved by ``exa.Quantize`` is already quantized and needs nothing here.
         group_size: quantization group size (default 128 for int formats, 64 for nf4/fp4).
         skip_modules: linear layers left unquantized (names or fnmatch patterns).
+        cluster: None (this machine), "auto" (the local Ray cluster, started if none runs),
+            a Ray address ("ray://host:10001", "host:6379"), or a list of devices
+            (["cuda:0", "cuda:1"]: stages in this process). The layers are split into
+            contiguous pipeline stages, one per GPU (or per CPU-only node), each placed across
+            its own GPU / RAM / disk; budgets are then per worker. See docs/CLUSTER.md.
+        cluster_retry: when a stage's worker dies, re-plan over the workers left, reload and
+            finish the request from its prompt (instead of raising ``StageFailed``).
+        gguf_native: for a .gguf file, run its Q4_0 / Q4_1 / Q8_0 (and Q4_K / Q6_K) linears as
+            they are, converted exactly into exa's formats, instead of dequantizing the file to
+            float (default: the ``EXA_GGUF_NATIVE`` environment variable, else off).
     """
 
     def __init__(self, model: str | None = None, offload="auto", *, max_gpu_memory=None,
@@ -49,19 +59,32 @@ class Inference:
                  device: str | None = None, dtype: torch.dtype | None = None,
                  prefetch_depth: int | None = None, max_context: int = 2048, batch_size: int = 1,
                  progress: bool = True, trust_remote_code: bool = False, quantize=None,
-                 group_size: int | None = None, skip_modules=("lm_head",)):
+                 group_size: int | None = None, skip_modules=("lm_head",), cluster=None,
+                 cluster_retry: bool = False, gguf_native: bool | None = None):
         for name, size in (("max_gpu_memory", max_gpu_memory), ("max_cpu_memory", max_cpu_memory),
                            ("max_disk", max_disk)):
             if size is not None:
                 parse_size(size, name)      # a bad budget is an error even where it is unused
         self.model_path = str(model if model is not None else default_model())
-        ckpt = open_checkpoint(self.model_path, trust_remote_code=trust_remote_code)
-        self.engine = Engine(ckpt, device=device, dtype=dtype, offload=offload,
-                             max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
-                             max_disk=max_disk, offload_dir=offload_dir, prefetch_depth=prefetch_depth,
-                             batch_size=batch_size, max_context=max_context, progress=progress,
-                             trust_remote_code=trust_remote_code,
-                             quant=spec_from_name(quantize, group_size=group_size), skip_modules=skip_modules)
+        ckpt = open_checkpoint(self.model_path, trust_remote_code=trust_remote_code,
+                               gguf_native=gguf_native)
+        if cluster is not None:
+            self.engine = _pipeline(ckpt, self.model_path, cluster, cluster_retry, offload=offload,
+                                    max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                                    max_disk=max_disk, offload_dir=offload_dir, dtype=dtype,
+                                    prefetch_depth=prefetch_depth, batch_size=batch_size,
+                                    max_context=max_context, progress=progress,
+                                    trust_remote_code=trust_remote_code,
+                                    quant=spec_from_name(quantize, group_size=group_size),
+                                    skip_modules=skip_modules)
+        else:
+            self.engine = Engine(ckpt, device=device, dtype=dtype, offload=offload,
+                                 max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
+                                 max_disk=max_disk, offload_dir=offload_dir, prefetch_depth=prefetch_depth,
+                                 batch_size=batch_size, max_context=max_context, progress=progress,
+                                 trust_remote_code=trust_remote_code,
+                                 quant=spec_from_name(quantize, group_size=group_size),
+                                 skip_modules=skip_modules)
         self._tokenizer_kwargs = ckpt.tokenizer_kwargs
         self._generation_configs = [ckpt.generation_config,
                                     getattr(self.engine.model, "generation_config", None)]
@@ -172,8 +195,8 @@ class Inference:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         eos = {eos_token_id} if eos_token_id is not None else set()
         pad = eos_token_id if eos_token_id is not None else 0
-        steps = list(generate_steps(self.engine, input_ids, mask, max_new_tokens,
-                                    Sampling(temperature, top_k, top_p, seed), eos, pad))
+        steps = list(_steps(self.engine, input_ids, mask, max_new_tokens,
+                            Sampling(temperature, top_k, top_p, seed), eos, pad))
         return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
     def close(self) -> None:
@@ -218,8 +241,8 @@ class Inference:
         new: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         texts = [""] * len(prompts)
-        steps = generate_steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                               Sampling(temperature, top_k, top_p, seed), eos_ids, self.tokenizer.pad_token_id)
+        steps = _steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                       Sampling(temperature, top_k, top_p, seed), eos_ids, self.tokenizer.pad_token_id)
         t0 = time.perf_counter()
         self.last_stats = {"prompt_tokens": int(enc["attention_mask"].sum()), "new_tokens": 0,
                            "first_token_s": None, "total_s": 0.0}
@@ -243,6 +266,23 @@ class Inference:
             if all(finished):
                 steps.close()
                 return
+
+
+def _steps(engine, *args):
+    """The decode loop: the engine's own (a pipeline re-runs failed requests) or the generic one."""
+    own = getattr(engine, "generate_steps", None)
+    return own(*args) if own is not None else generate_steps(engine, *args)
+
+
+def _pipeline(ckpt, path: str, cluster, retry: bool, *, quant, skip_modules, **kw):
+    """A runtime.distributed Pipeline over ``cluster`` (see ``Inference``'s ``cluster``)."""
+    from runtime.distributed.pipeline import Pipeline, make_workers
+    stored = getattr(ckpt, "quant", None)           # an exa checkpoint is already quantized
+    if stored is not None:
+        quant, skip_modules = stored, ckpt.skip_modules
+    workers, started = make_workers(cluster)
+    return Pipeline(path, ckpt.config, workers, retry=retry, quant=quant, skip_modules=skip_modules,
+                    owns_ray=started, **kw)
 
 
 def _is_chat(p) -> bool:

@@ -1,0 +1,173 @@
+"""Pooling GPUs: one GPU under a per-GPU budget vs N pipeline stages (one per GPU), same budget each.
+
+For each setup it reports prefill tok/s (batch 1), decode tok/s at batch 1 and batch 32, the
+cluster planner's prediction, and whether the greedy tokens equal the single-GPU run's; the
+results go to a JSON file.
+
+Transports (the SAME Stage code runs in every one):
+  * ``--transport local`` (default): the stages live in this one process, one thread each,
+    on cuda:0 .. cuda:N-1 (micro-batches overlap across GPUs). Needs no Ray, so it runs on
+    the lent GPU host, where Ray cannot be installed.
+  * ``--transport ray``: one Ray actor per GPU of the running Ray cluster (``ray start
+    --head`` first, or none: a local one is started).
+
+    python benchmarks/cluster.py --gpus 2 --budget 10GiB --shape 13b --out cluster.json
+    python benchmarks/cluster.py --device cpu --tiny          # CPU smoke run, seconds
+
+The model is synthesised once (random bf16 weights of a real shape, written layer by layer
+with benchmarks/synth.py) unless ``--model DIR`` names one.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHAPES = {
+    "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+}
+
+
+def _args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--gpus", type=int, default=2, help="pipeline stages (one per GPU / worker); default 2")
+    p.add_argument("--budget", default="10GiB", help="VRAM budget per GPU, same for both setups (default 10GiB)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="13b", help="synthetic model shape (default 13b)")
+    p.add_argument("--model", help="use this model directory instead of a synthetic one")
+    p.add_argument("--workdir", default="/tmp/exa-cluster-bench", help="where the synthetic model is written")
+    p.add_argument("--transport", choices=("local", "ray"), default="local")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--tiny", action="store_true", help="tiny model, few tokens: a smoke run (CPU is fine)")
+    p.add_argument("--prompt", type=int, default=512, help="prefill length (default 512)")
+    p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed (default 16)")
+    p.add_argument("--batch", type=int, default=32, help="the large decode batch (default 32)")
+    p.add_argument("--out", default="cluster.json", help="JSON results file (default cluster.json)")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.shape, a.prompt, a.new_tokens, a.batch = "tiny", min(a.prompt, 32), min(a.new_tokens, 4), min(a.batch, 4)
+    return a
+
+
+def _model(a) -> str:
+    if a.model:
+        return a.model
+    from synth import llama_config, write_random_checkpoint
+    path = Path(a.workdir) / f"llama-{a.shape}"
+    dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
+    write_random_checkpoint(path, llama_config(**SHAPES[a.shape]), dtype=dtype,
+                            device="cuda" if a.device == "cuda" and torch.cuda.is_available() else "cpu")
+    return str(path)
+
+
+def _engine_steps(engine, ids, new_tokens):
+    """Greedy steps over ``engine`` with a timestamp after each: (tokens [B, n], times)."""
+    from runtime.generate import Sampling, generate_steps
+    steps = getattr(engine, "generate_steps", None)
+    args = (ids, torch.ones_like(ids), new_tokens, Sampling(), set(), 0)
+    it = steps(*args) if steps is not None else generate_steps(engine, *args)
+    toks, stamps, t0 = [], [], time.perf_counter()
+    for nxt in it:
+        toks.append(nxt)
+        stamps.append(time.perf_counter() - t0)
+    return torch.stack(toks, 1), stamps
+
+
+def _sync(a):
+    if a.device == "cuda":
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
+
+
+def measure(llm, a, vocab: int) -> dict:
+    """Prefill tok/s (batch 1), decode tok/s at batch 1 and ``a.batch``, greedy tokens (batch 1)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for batch in (1, a.batch):
+        ids = torch.randint(0, vocab, (batch, a.prompt), generator=g)
+        _engine_steps(llm.engine, ids, 3)                             # warm-up, same shapes
+        _sync(a)
+        toks, stamps = _engine_steps(llm.engine, ids, a.new_tokens)
+        decode_s = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+        out[f"decode_tok_s_b{batch}"] = batch / decode_s
+        if batch == 1:
+            out["first_token_s"] = stamps[0]
+            out["tokens"] = toks[0].tolist()
+            _sync(a)
+            t = time.perf_counter()
+            llm.engine.forward(ids, logits_to_keep=1)
+            _sync(a)
+            out["prefill_tok_s_b1"] = a.prompt / (time.perf_counter() - t)
+    return out
+
+
+def _predicted(plan) -> dict:
+    if hasattr(plan, "bottleneck_s"):
+        return {"decode_tok_s": plan.decode_tok_s, "pipelined_tok_s": plan.pipelined_tok_s,
+                "prefill_tok_s": plan.prefill_tok_s, "stages": [s.describe() for s in plan.stages]}
+    return {"decode_tok_s": plan.decode_tok_s, "prefill_tok_s": plan.prefill_tok_s}
+
+
+def run(a) -> dict:
+    import exa
+    path = _model(a)
+    common = dict(offload="auto", max_context=a.prompt + a.new_tokens + 8, batch_size=a.batch, progress=False)
+    if a.device == "cuda":
+        common["max_gpu_memory"] = a.budget
+    else:
+        common["max_cpu_memory"] = a.budget
+    vocab = SHAPES[a.shape]["vocab_size"] if not a.model else None
+    results = {"model": path, "shape": a.shape, "budget_per_gpu": a.budget, "transport": a.transport,
+               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    first = "cuda:0" if a.device == "cuda" else "cpu"
+    with exa.Inference(path, device=first, **common) as llm:
+        vocab = vocab or llm.engine.config.vocab_size
+        results["single"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan)}
+    gc.collect()
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+    if a.transport == "ray":
+        cluster = "auto"
+    else:
+        cluster = [f"cuda:{i}" for i in range(a.gpus)] if a.device == "cuda" else ["cpu"] * a.gpus
+    with exa.Inference(path, cluster=cluster, **common) as llm:
+        results["pipeline"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan),
+                               "stages": len(llm.plan.stages)}
+        print(llm.plan.table(), file=sys.stderr)
+    results["greedy_tokens_equal"] = results["single"]["tokens"] == results["pipeline"]["tokens"]
+    for key in ("decode_tok_s_b1", f"decode_tok_s_b{a.batch}", "prefill_tok_s_b1"):
+        results[f"speedup_{key}"] = results["pipeline"][key] / results["single"][key]
+    return results
+
+
+def main(argv=None) -> int:
+    a = _args(argv)
+    if a.device == "cuda" and a.transport == "local" and torch.cuda.device_count() < a.gpus:
+        raise SystemExit(f"--gpus {a.gpus} needs {a.gpus} CUDA devices, this machine has "
+                         f"{torch.cuda.device_count()} (use --device cpu --tiny for a smoke run)")
+    res = run(a)
+    Path(a.out).write_text(json.dumps(res, indent=2))
+    for k in ("single", "pipeline"):
+        r = res[k]
+        print(f"{k:9s} prefill {r['prefill_tok_s_b1']:9.1f} tok/s  decode b1 {r['decode_tok_s_b1']:8.2f} tok/s  "
+              f"b{a.batch} {r[f'decode_tok_s_b{a.batch}']:8.2f} tok/s")
+    print(f"greedy tokens equal: {res['greedy_tokens_equal']}; results in {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
