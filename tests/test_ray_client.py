@@ -1,0 +1,66 @@
+"""``exa.Inference(model, cluster=ADDRESS)`` against a Ray cluster started the way users start one:
+``ray start --head`` in another process, joined by its GCS address and through the Ray client
+(``ray://``). The head is started with the driver's own ``RAY_AUTH_MODE`` (default "disabled"):
+Ray reads it when imported, and a head with token auth refuses a driver without the token."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+import exa  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A one-node cluster started by ``ray start --head``; yields (gcs address, client address)."""
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
+               RAY_USAGE_STATS_ENABLED="0",
+               EXA_CACHE_DIR=str(tmp_path_factory.mktemp("ray-client-exa-cache")))
+    gcs, client = _free_port(), _free_port()
+    cmd = [_ray_cli(), "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
+           "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+           "--object-store-memory=100000000"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        subprocess.run([_ray_cli(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["gcs", "client"])
+def test_cluster_address_equals_single_process(head, kind, tiny_models):
+    path = tiny_models("llama")
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with exa.Inference(str(path), device="cpu", progress=False) as ref:
+        want, want_tokens = ref.logits(ids), ref.generate_ids(ids, max_new_tokens=6)
+    address = head[0] if kind == "gcs" else head[1]
+    try:
+        with exa.Inference(str(path), cluster=address, device="cpu", progress=False) as llm:
+            torch.testing.assert_close(llm.logits(ids), want)
+            assert torch.equal(llm.generate_ids(ids, max_new_tokens=6), want_tokens)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
