@@ -92,18 +92,15 @@ def launch(x, t, spec, N, K, cfg, out=None):
     dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
     if cfg.get("SIMT"):
         simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg)
-        if sk != 1:
-            out.copy_(dst.sum(0))
-        return out
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
-    _int_gemv_kernel[grid](
-        x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2),
-        K * spec.bits // 32, BITS=spec.bits, GROUP=g, MODE=mode,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk,
-        PERM=cfg["PERM"], INTERP=interpreting(),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        _int_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
+            x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2),
+            K * spec.bits // 32, BITS=spec.bits, GROUP=g, MODE=mode,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk,
+            PERM=cfg["PERM"], INTERP=interpreting(),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if sk != 1:
-        out.copy_(dst.sum(0))
+        out.copy_(dst.sum(0))              # partial sums added in a fixed order
     return out
 
 
