@@ -20,10 +20,19 @@ from tqdm.auto import tqdm
 from runtime import hardware, planner
 from runtime.checkpoint import Checkpoint
 from runtime.executor import Executor
-from runtime.loader import (BlockDef, assign_layouts, build_skeleton, define_blocks, move_buffers,
-                            pack_block, quantize_skeleton, resolve_sources)
+from runtime.fastload import direct_source, load_blocks
+from runtime.loader import (
+    BlockDef,
+    assign_layouts,
+    build_skeleton,
+    define_blocks,
+    move_buffers,
+    quantize_skeleton,
+    resolve_sources,
+)
 from runtime.prefetch import Prefetcher, Source
 from runtime.tiers.disk import DiskStore, DiskStoreWriter
+from runtime.tiers.files import FileBlocks
 from runtime.tiers.gpu import GpuTier
 from runtime.tiers.pinned import PinnedPool
 from runtime.units import parse_size
@@ -174,21 +183,27 @@ class Engine:
                          progress=self.progress and None)
         disk_names = [b.name for b in self.blocks if p.tier_of(b.name) == "disk"]
         store = self._disk_store(disk_names) if disk_names else None
-        bar = tqdm(self.blocks, desc="loading blocks", unit="block", disable=not self.progress)
-        for b in bar:
-            tier = p.tier_of(b.name)
-            if p.is_resident(b.name):
-                buf = pack_block(self.ckpt, b)
+        hosts = {n: pool.alloc(self._block(n).nbytes) for n in host_names}
+
+        def dest(b):        # the block's final host buffer; None: staged on its way to the GPU
+            if b.name in hosts:
+                return hosts[b.name]
+            return None if gpu is not None else torch.empty(b.nbytes, dtype=torch.uint8)
+
+        todo = [b for b in self.blocks if p.is_resident(b.name) or b.name in hosts]
+        bar = tqdm(total=len(todo), desc="loading blocks", unit="block", disable=not self.progress)
+        for b, buf in load_blocks(self.ckpt, todo, dest, pin_staging=gpu is not None):
+            if b.name in hosts:
+                sources[b.name] = Source("cpu", b.nbytes, host=hosts[b.name])
+            else:
                 if gpu is not None:
                     gpu.put(b.name, buf)
                     buf = gpu.get(b.name)
                 resident[b.name] = buf
-            elif tier == "cpu":
-                host = pool.alloc(b.nbytes)
-                pack_block(self.ckpt, b, out=host[: b.nbytes])
-                sources[b.name] = Source("cpu", b.nbytes, host=host)
-            else:
-                sources[b.name] = Source("disk", b.nbytes, store=store, key=b.name)
+            bar.update()
+        bar.close()
+        for n in disk_names:
+            sources[n] = Source("disk", self._block(n).nbytes, store=store, key=n)
         self.ckpt.close()
         self.pool = pool
         order = [b.name for b in self.blocks if b.name in sources]
@@ -210,8 +225,18 @@ class Engine:
     def _block(self, name: str) -> BlockDef:
         return next(b for b in self.blocks if b.name == name)
 
-    def _disk_store(self, names: list[str]) -> DiskStore:
-        """The on-disk block store for ``names``: reused when complete and matching, else written once."""
+    def _disk_store(self, names: list[str]) -> DiskStore | FileBlocks:
+        """The on-disk blocks ``names``: read in place from an exa checkpoint's shards when it
+        stores them byte for byte, else a block store, reused when complete and matching or
+        written once."""
+        direct = {n: direct_source(self.ckpt, self._block(n)) for n in names}
+        if all(direct.values()):
+            blocks = [self._block(n) for n in names]
+            bar = tqdm(total=len(names), desc="verifying disk blocks", unit="block", disable=not self.progress)
+            for _ in load_blocks(self.ckpt, blocks, lambda b: None):       # sha256 of each, in parallel
+                bar.update()
+            bar.close()
+            return FileBlocks({b.name: (direct[b.name][0], direct[b.name][1], b.nbytes) for b in blocks})
         meta = {"version": STORE_VERSION, "source": self.ckpt.fingerprint(), "dtype": str(self.dtype),
                 "quant": self.quant.to_json() if self.quant is not None else None,
                 "layouts": {n: self._block(n).layout.to_json() for n in names}}
@@ -222,9 +247,11 @@ class Engine:
             if store.meta == meta:
                 return store
         with DiskStoreWriter(root) as w:
-            bar = tqdm(names, desc="writing disk blocks", unit="block", disable=not self.progress)
-            for n in bar:
-                w.append(n, pack_block(self.ckpt, self._block(n)))
+            bar = tqdm(total=len(names), desc="writing disk blocks", unit="block", disable=not self.progress)
+            for b, buf in load_blocks(self.ckpt, [self._block(n) for n in names], lambda b: None):
+                w.append(b.name, buf)
+                bar.update()
+            bar.close()
             w.finish(meta)
         return DiskStore.open(root)
 
