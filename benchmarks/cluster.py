@@ -12,10 +12,12 @@ Transports (the SAME Stage code runs in every one):
     --head`` first, or none: a local one is started).
 
     python benchmarks/cluster.py --gpus 2 --budget 10GiB --shape 13b --out cluster.json
+    python benchmarks/cluster.py --gpus 2 --budget 24GiB --shape 70b --quant int4 --workdir .bench
     python benchmarks/cluster.py --device cpu --tiny          # CPU smoke run, seconds
 
-The model is synthesised once (random bf16 weights of a real shape, written layer by layer
-with benchmarks/synth.py) unless ``--model DIR`` names one.
+The model is synthesised once (random weights of a real shape, written layer by layer with
+benchmarks/synth.py: bf16, or with ``--quant int4`` an exa int4 g128 checkpoint quantized
+layer by layer) unless ``--model DIR`` names one.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHAPES = {
     "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
                 num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096),
+    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
+                rope_theta=500000.0),
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -47,6 +52,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=2, help="pipeline stages (one per GPU / worker); default 2")
     p.add_argument("--budget", default="10GiB", help="VRAM budget per GPU, same for both setups (default 10GiB)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="13b", help="synthetic model shape (default 13b)")
+    p.add_argument("--quant", choices=("none", "int4"), default="none",
+                   help="int4: synthesise the model directly as an exa int4 g128 checkpoint (no float copy)")
     p.add_argument("--model", help="use this model directory instead of a synthetic one")
     p.add_argument("--workdir", default="/tmp/exa-cluster-bench", help="where the synthetic model is written")
     p.add_argument("--transport", choices=("local", "ray"), default="local")
@@ -65,7 +72,10 @@ def _args(argv=None) -> argparse.Namespace:
 def _model(a) -> str:
     if a.model:
         return a.model
-    from synth import llama_config, write_random_checkpoint
+    from synth import llama_config, write_random_checkpoint, write_random_quantized
+    if a.quant == "int4":
+        return str(write_random_quantized(Path(a.workdir) / f"llama-{a.shape}-int4", llama_config(**SHAPES[a.shape]),
+                                          "int4", 128))
     path = Path(a.workdir) / f"llama-{a.shape}"
     dtype = torch.float32 if a.device == "cpu" else torch.bfloat16
     write_random_checkpoint(path, llama_config(**SHAPES[a.shape]), dtype=dtype,
@@ -114,6 +124,17 @@ def measure(llm, a, vocab: int) -> dict:
     return out
 
 
+def _peaks(a) -> dict:
+    """Peak VRAM allocated per GPU since the last call (then reset)."""
+    if a.device != "cuda":
+        return {}
+    out = []
+    for i in range(torch.cuda.device_count()):
+        out.append(torch.cuda.max_memory_allocated(i))
+        torch.cuda.reset_peak_memory_stats(i)
+    return {"peak_vram_allocated": out}
+
+
 def _predicted(plan) -> dict:
     if hasattr(plan, "bottleneck_s"):
         return {"decode_tok_s": plan.decode_tok_s, "pipelined_tok_s": plan.pipelined_tok_s,
@@ -130,13 +151,19 @@ def run(a) -> dict:
     else:
         common["max_cpu_memory"] = a.budget
     vocab = SHAPES[a.shape]["vocab_size"] if not a.model else None
-    results = {"model": path, "shape": a.shape, "budget_per_gpu": a.budget, "transport": a.transport,
+    results = {"model": path, "shape": a.shape, "quant": a.quant, "budget_per_gpu": a.budget, "transport": a.transport,
                "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     first = "cuda:0" if a.device == "cuda" else "cpu"
+    if a.device == "cuda":                      # the budget is enforced on every GPU, not just planned
+        from runtime.units import parse_size
+        for i in range(torch.cuda.device_count()):
+            total = torch.cuda.get_device_properties(i).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(a.budget) / total), i)
+    _peaks(a)                                   # reset
     with exa.Inference(path, device=first, **common) as llm:
         vocab = vocab or llm.engine.config.vocab_size
-        results["single"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan)}
+        results["single"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan), **_peaks(a)}
     gc.collect()
     if a.device == "cuda":
         torch.cuda.empty_cache()
@@ -146,7 +173,7 @@ def run(a) -> dict:
         cluster = [f"cuda:{i}" for i in range(a.gpus)] if a.device == "cuda" else ["cpu"] * a.gpus
     with exa.Inference(path, cluster=cluster, **common) as llm:
         results["pipeline"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan),
-                               "stages": len(llm.plan.stages)}
+                               "stages": len(llm.plan.stages), **_peaks(a)}
         print(llm.plan.table(), file=sys.stderr)
     results["greedy_tokens_equal"] = results["single"]["tokens"] == results["pipeline"]["tokens"]
     for key in ("decode_tok_s_b1", f"decode_tok_s_b{a.batch}", "prefill_tok_s_b1"):
