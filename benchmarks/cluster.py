@@ -164,6 +164,7 @@ def run(a) -> dict:
     with exa.Inference(path, device=first, **common) as llm:
         vocab = vocab or llm.engine.config.vocab_size
         results["single"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan), **_peaks(a)}
+    del llm                                     # else its GPU blocks live on beside the pipeline's
     gc.collect()
     if a.device == "cuda":
         torch.cuda.empty_cache()
