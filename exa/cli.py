@@ -17,6 +17,7 @@ import time
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 OFFLOAD_MODES = ("auto", "none", "cpu", "disk")
+CPU_COMPUTE_MODES = ("auto", "never", "always")
 QUANT_TYPES = ("int4", "int3", "int2", "int8", "nf4", "fp4")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct, the default model"
 
@@ -84,6 +85,9 @@ def _placement_args(p: argparse.ArgumentParser) -> None:
                    help="largest batch the KV cache is sized for (default 1)")
     p.add_argument("--quantize", choices=QUANT_TYPES, help="quantize the weights while loading (RTN)")
     p.add_argument("--group-size", type=int, metavar="G", help="quantization group size (default 128; nf4/fp4 64)")
+    p.add_argument("--cpu-compute", choices=CPU_COMPUTE_MODES, default="auto",
+                   help="hybrid CPU/GPU: compute pinned-RAM layers on the host CPU instead of streaming "
+                        "them: auto (the planner decides per phase), never, always (every one, in decode)")
     p.add_argument("--cluster", type=_cluster, metavar="WHERE",
                    help="split the layers into pipeline stages: 'auto' (local Ray cluster), a Ray address "
                         "(ray://host:10001, host:6379) or devices 'cuda:0,cuda:1'; budgets are per worker")
@@ -166,7 +170,8 @@ def _cmd_run(args) -> None:
                         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk,
                         offload_dir=args.offload_dir, device=args.device, dtype=_dtype(args.dtype),
                         prefetch_depth=args.prefetch_depth, max_context=args.max_context,
-                        batch_size=args.batch_size, progress=sys.stderr.isatty(), cluster=args.cluster)
+                        batch_size=args.batch_size, progress=sys.stderr.isatty(), cluster=args.cluster,
+                        cpu_compute=args.cpu_compute)
     with llm:
         llm.tokenizer                       # loaded lazily: count it as loading, not as generating
         load_s = time.perf_counter() - t0
@@ -205,7 +210,7 @@ def _cmd_plan(args) -> None:
         config, device=device, dtype=dtype, offload=args.offload, max_gpu_memory=args.max_gpu_memory,
         max_cpu_memory=args.max_cpu_memory, max_disk=args.max_disk, prefetch_depth=args.prefetch_depth,
         batch_size=args.batch_size, max_context=args.max_context, offload_dir=args.offload_dir,
-        bandwidths=None, quant=_spec(args)).placement
+        bandwidths=None, quant=_spec(args), cpu_compute=args.cpu_compute).placement
     print(f"Model: {args.model or DEFAULT_MODEL_NAME} ({_describe(config)}), {str(dtype).replace('torch.', '')}")
     print(placement.table())
     if no_gpu:
@@ -240,7 +245,7 @@ def _cmd_ppl(args) -> None:
                         device=args.device, dtype=_dtype(args.dtype), prefetch_depth=args.prefetch_depth,
                         max_context=max(args.max_context, args.max_length), batch_size=args.batch_size,
                         quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty(),
-                        cluster=args.cluster)
+                        cluster=args.cluster, cpu_compute=args.cpu_compute)
     with llm:
         t = time.perf_counter()
         value = exa.perplexity(llm, text, max_tokens=args.max_tokens, stride=args.stride,

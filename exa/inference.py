@@ -52,6 +52,14 @@ class Inference:
         gguf_native: for a .gguf file, run its Q4_0 / Q4_1 / Q8_0 (and Q4_K / Q6_K) linears as
             they are, converted exactly into exa's formats, instead of dequantizing the file to
             float (default: the ``EXA_GGUF_NATIVE`` environment variable, else off).
+        cpu_compute: hybrid CPU/GPU execution of the layers offloaded to pinned RAM (on a GPU):
+            "auto" (per phase, compute on the host CPU the layers the planner predicts faster
+            there than streamed over PCIe -- typically some of them at batch 1 on a slow link,
+            none for prefill or large batches; needs the measured CPU rates), "never" (stream
+            them all), "always" (every pinned-RAM layer computed on the CPU in decode steps;
+            prefill still streams), or a list of block names / patterns ("layers.3*") computed
+            on the CPU in decode steps. Attention, norms and the KV cache stay on the GPU. Not
+            used with ``cluster`` (pipeline stages stream).
     """
 
     def __init__(self, model: str | None = None, offload="auto", *, max_gpu_memory=None,
@@ -60,7 +68,7 @@ class Inference:
                  prefetch_depth: int | None = None, max_context: int = 2048, batch_size: int = 1,
                  progress: bool = True, trust_remote_code: bool = False, quantize=None,
                  group_size: int | None = None, skip_modules=("lm_head",), cluster=None,
-                 cluster_retry: bool = False, gguf_native: bool | None = None):
+                 cluster_retry: bool = False, gguf_native: bool | None = None, cpu_compute="auto"):
         for name, size in (("max_gpu_memory", max_gpu_memory), ("max_cpu_memory", max_cpu_memory),
                            ("max_disk", max_disk)):
             if size is not None:
@@ -68,6 +76,9 @@ class Inference:
         self.model_path = str(model if model is not None else default_model())
         ckpt = open_checkpoint(self.model_path, trust_remote_code=trust_remote_code,
                                gguf_native=gguf_native)
+        if cluster is not None and cpu_compute not in ("auto", "never"):
+            raise ValueError(f"cpu_compute={cpu_compute!r} is not supported with cluster= "
+                             "(pipeline stages stream their offloaded layers)")
         if cluster is not None:
             self.engine = _pipeline(ckpt, self.model_path, cluster, cluster_retry, offload=offload,
                                     max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory,
@@ -84,7 +95,7 @@ class Inference:
                                  batch_size=batch_size, max_context=max_context, progress=progress,
                                  trust_remote_code=trust_remote_code,
                                  quant=spec_from_name(quantize, group_size=group_size),
-                                 skip_modules=skip_modules)
+                                 skip_modules=skip_modules, cpu_compute=cpu_compute)
         self._tokenizer_kwargs = ckpt.tokenizer_kwargs
         self._generation_configs = [ckpt.generation_config,
                                     getattr(self.engine.model, "generation_config", None)]

@@ -21,6 +21,7 @@ from runtime import hardware, planner
 from runtime.checkpoint import Checkpoint
 from runtime.executor import Executor
 from runtime.fastload import direct_source, load_blocks
+from runtime.hybrid import HostBlock, block_costs
 from runtime.loader import (
     BlockDef,
     assign_layouts,
@@ -97,11 +98,12 @@ class Planned(NamedTuple):
 def plan_model(config, *, device: torch.device, dtype: torch.dtype, offload="auto", max_gpu_memory=None,
                max_cpu_memory=None, max_disk=None, prefetch_depth=None, batch_size=1, max_context=2048,
                offload_dir=None, bandwidths: planner.Bandwidths | None = None, trust_remote_code=False,
-               quant=None, skip_modules=("lm_head",)) -> Planned:
+               quant=None, skip_modules=("lm_head",), cpu_compute="auto") -> Planned:
     """Skeleton, blocks (with layouts) and the Placement for ``config``; reads no weights.
 
     ``quant`` (a QuantSpec) swaps the linear layers, except ``skip_modules``, for QuantLinear,
-    so blocks are sized, placed and streamed as packed quantized bytes.
+    so blocks are sized, placed and streamed as packed quantized bytes. ``cpu_compute``: which
+    pinned-RAM layer blocks are computed on the host CPU (see ``runtime.planner.plan``).
 
     Budgets default to what this machine has free (92% of free VRAM, 70% of available RAM for
     pinned blocks; on a CPU-only machine 80% of available RAM for the model).
@@ -129,9 +131,10 @@ def plan_model(config, *, device: torch.device, dtype: torch.dtype, offload="aut
     wl = planner.Workload(batch=batch_size, context=max_context, prompt=min(512, max_context),
                           kv_bytes_per_token=kv_bytes_per_token(config, dtype),
                           act_bytes_per_token=act_bytes_per_token(config, dtype))
-    specs = [planner.BlockSpec(b.name, b.nbytes, b.kind, 2.0 * b.numel) for b in blocks]
+    specs = [planner.BlockSpec(b.name, b.nbytes, b.kind, 2.0 * b.numel, *block_costs(b, dtype)) for b in blocks]
     placement = planner.plan(specs, planner.Budgets(dev_budget, cpu_budget, disk_budget), bw, wl,
-                             device=device.type, mode=_mode(offload), prefetch_depth=prefetch_depth)
+                             device=device.type, mode=_mode(offload), prefetch_depth=prefetch_depth,
+                             cpu_compute=cpu_compute)
     return Planned(model, arch, blocks, placement, qmods)
 
 
@@ -143,7 +146,7 @@ class Engine:
                  offload_dir: str | None = None, prefetch_depth: int | None = None,
                  batch_size: int = 1, max_context: int = 2048, progress: bool = True,
                  trust_remote_code: bool = False, bandwidths: planner.Bandwidths | None = None,
-                 quant=None, skip_modules=("lm_head",)):
+                 quant=None, skip_modules=("lm_head",), cpu_compute="auto"):
         self.ckpt, self.config, self.progress = ckpt, ckpt.config, progress
         stored = getattr(ckpt, "quant", None)           # an exa checkpoint is already quantized
         if stored is not None:
@@ -159,7 +162,7 @@ class Engine:
             max_gpu_memory=max_gpu_memory, max_cpu_memory=max_cpu_memory, max_disk=max_disk,
             prefetch_depth=prefetch_depth, batch_size=batch_size, max_context=max_context,
             offload_dir=offload_dir, bandwidths=bandwidths, trust_remote_code=trust_remote_code,
-            quant=quant, skip_modules=skip_modules)
+            quant=quant, skip_modules=skip_modules, cpu_compute=cpu_compute)
         self.layers = self.model.get_submodule(arch.layers)
         resolve_sources(self.model, self.blocks, ckpt, qmods)
         self._offload_dir = offload_dir
@@ -184,6 +187,8 @@ class Engine:
         disk_names = [b.name for b in self.blocks if p.tier_of(b.name) == "disk"]
         store = self._disk_store(disk_names) if disk_names else None
         hosts = {n: pool.alloc(self._block(n).nbytes) for n in host_names}
+        on_cpu = p.cpu_compute | p.cpu_compute_prefill
+        host_blocks: dict[str, HostBlock] = {}
 
         def dest(b):        # the block's final host buffer; None: staged on its way to the GPU
             if b.name in hosts:
@@ -195,6 +200,8 @@ class Engine:
         for b, buf in load_blocks(self.ckpt, todo, dest, pin_staging=gpu is not None):
             if b.name in hosts:
                 sources[b.name] = Source("cpu", b.nbytes, host=hosts[b.name])
+                if b.name in on_cpu:        # its linears also run on the host (runtime/hybrid.py)
+                    host_blocks[b.name] = HostBlock(b, hosts[b.name][: b.nbytes], self.device, self.dtype)
             else:
                 if gpu is not None:
                     gpu.put(b.name, buf)
@@ -208,7 +215,8 @@ class Engine:
         self.pool = pool
         order = [b.name for b in self.blocks if b.name in sources]
         pre = Prefetcher(order, sources, p.slots, self.device) if order else None
-        return Executor(self.model, self.layers, self.blocks, resident, pre)
+        return Executor(self.model, self.layers, self.blocks, resident, pre, host_blocks,
+                        {"decode": p.cpu_compute, "prefill": p.cpu_compute_prefill})
 
     def _warm_kernels(self, qmods: dict) -> None:
         """Autotune the quantized-matmul kernels once per distinct layer shape, so the first

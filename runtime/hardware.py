@@ -2,7 +2,13 @@
 
 Bandwidths are measured once per (host, device, torch version, offload filesystem) and kept
 in ``$EXA_CACHE_DIR/hardware.json`` (default ``~/.cache/exa``); ``refresh=True`` measures
-again. ``EXA_NO_MEASURE=1`` or ``measure=False`` uses conservative defaults instead.
+again. ``EXA_NO_MEASURE=1`` or ``measure=False`` uses conservative defaults instead (with no
+CPU matmul rates, so the planner never picks hybrid CPU/GPU execution on guessed numbers).
+
+The CPU rates (``cpu_mem``, ``cpu_flops``) are what the host's quantized matmul achieves on
+all cores: int4 group-128 weights through ``runtime.kernels.cpu_linear`` (torch's CPU int4
+kernel, bf16 activations; a bf16 ``F.linear`` where torch lacks it), weights read per second at
+one token over 256 MiB of weights (more than any L3 cache), and flop/s at 64 tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ DEFAULTS = {
     "cpu": Bandwidths(h2d=0.0, disk=1e9, device_mem=20e9, device_flops=1e11),
     "cuda": Bandwidths(h2d=12e9, disk=1e9, device_mem=2e12, device_flops=4e14),
 }
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2                     # 2: + cpu_mem / cpu_flops (the CPU matmul rates)
+_CPU_GEMV_BYTES = 256 * MiB
 _DISK_TEST_BYTES = 64 * MiB
 _memo: dict[str, tuple[Bandwidths, tuple[str, ...]]] = {}
 
@@ -59,7 +66,9 @@ class HardwareInfo:
                  f"RAM {fmt_bytes(self.ram_available)} available of {fmt_bytes(self.ram_total)}; "
                  f"disk {fmt_bytes(self.disk_free)} free",
                  f"bandwidths ({how}): h2d {bw.h2d / 1e9:.1f} GB/s, disk {bw.disk / 1e9:.2f} GB/s, "
-                 f"device memory {bw.device_mem / 1e9:.0f} GB/s, {bw.device_flops / 1e12:.2f} TFLOP/s"]
+                 f"device memory {bw.device_mem / 1e9:.0f} GB/s, {bw.device_flops / 1e12:.2f} TFLOP/s",
+                 f"CPU matmul (int4, all cores): {bw.cpu_mem / 1e9:.1f} GB/s of weights at 1 token, "
+                 f"{bw.cpu_flops / 1e9:.0f} GFLOP/s at 64 tokens" if bw.has_cpu else "CPU matmul: not measured"]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -180,7 +189,8 @@ def _save_cache(path: Path, entries: dict) -> None:
 
 def _from_entry(entry: object) -> tuple[Bandwidths, tuple[str, ...]] | None:
     try:
-        bw = Bandwidths(**{k: float(entry[k]) for k in ("h2d", "disk", "device_mem", "device_flops")})
+        keys = ("h2d", "disk", "device_mem", "device_flops", "cpu_mem", "cpu_flops")
+        bw = Bandwidths(**{k: float(entry[k]) for k in keys})
         return bw, tuple(str(n) for n in entry.get("notes", ()))
     except (TypeError, KeyError, ValueError, AttributeError):
         return None
@@ -211,10 +221,11 @@ def _bandwidths(dev: str, name: str, disk_dir: Path, refresh: bool) -> tuple[Ban
 # -- measurements --------------------------------------------------------------------------
 def _measure(dev: str, disk_dir: Path) -> tuple[Bandwidths, tuple[str, ...]]:
     disk, notes = _disk_read_bandwidth(disk_dir)
+    cpu_rates = _cpu_matmul()
     if dev.startswith("cuda"):
         d = torch.device(dev)
-        return Bandwidths(_cuda_h2d(d), disk, _cuda_mem(d), _cuda_flops(d)), notes
-    return Bandwidths(0.0, disk, _cpu_mem(), _cpu_flops()), notes
+        return Bandwidths(_cuda_h2d(d), disk, _cuda_mem(d), _cuda_flops(d), *cpu_rates), notes
+    return Bandwidths(0.0, disk, _cpu_mem(), _cpu_flops(), *cpu_rates), notes
 
 
 def _best_time(fn, repeats: int = 3) -> float:
@@ -237,6 +248,34 @@ def _cpu_mem() -> float:
 def _cpu_flops(n: int = 1024) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / _best_time(lambda: torch.mm(a, b))
+
+
+def _cpu_matmul(K: int = 8192, group: int = 128) -> tuple[float, float]:
+    """(weight bytes/s at 1 token, flop/s at 64 tokens) of the host's int4 matmul, all cores.
+
+    The weights are zero codes in torch's packed layout (the kernel's speed does not depend on
+    the values), several matrices cycled so that no cache holds them.
+    """
+    from runtime.kernels import cpu_linear
+    N = 4096
+    count = max(1, _CPU_GEMV_BYTES // (N * K // 2))
+    if cpu_linear.int4_supported():
+        ws = [torch.zeros(N, K // 2, dtype=torch.uint8) for _ in range(count)]
+        sz = torch.ones(K // group, N, 2, dtype=torch.bfloat16)
+        per = N * K // 2 + sz.numel() * 2
+
+        def mm(x, w):
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, sz)
+    else:                                               # no int4 kernel: bf16 weights, as many bytes
+        ws = [torch.zeros(N // 4, K, dtype=torch.bfloat16) for _ in range(count)]
+        per = N * K // 2
+
+        def mm(x, w):
+            return torch.nn.functional.linear(x, w)
+    x1, x64 = torch.randn(1, K, dtype=torch.bfloat16), torch.randn(64, K, dtype=torch.bfloat16)
+    gemv = _best_time(lambda: [mm(x1, w) for w in ws])
+    gemm = _best_time(lambda: mm(x64, ws[0]), repeats=2)
+    return count * per / gemv, 2 * 64 * ws[0].shape[0] * K / gemm
 
 
 def _cuda_time(d: torch.device, fn, repeats: int = 5) -> float:

@@ -4,8 +4,10 @@ PURE: no torch, no I/O. Every block gets a home tier: resident on the compute de
 on cuda, "cpu" on the CPU) or streamed from pinned host RAM ("cpu", cuda only) or "disk"
 through a ring of ``slots`` device buffers of ``slot_bytes`` each. The planned device bytes
 (resident + slots + KV cache + activations + overhead) never exceed ``budgets.device``: the
-"no OOM at run time" promise. Predictions follow the cost model in docs/ARCHITECTURE.md: a
-decode step reads every weight once and streamed bytes cross the link every step.
+"no OOM at run time" promise. Predictions come from runtime/cost_model.py: a decode step
+reads every weight once and streamed bytes cross the link every step. On cuda, per phase, some
+pinned-RAM layer blocks may instead be computed on the host CPU (``cpu_compute``; hybrid
+execution, chosen by the cost model from measured PCIe and CPU rates and the batch).
 """
 
 from __future__ import annotations
@@ -13,15 +15,15 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import re
-from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
+from runtime.cost_model import cpu_sets
+from runtime.placement import (Bandwidths, BlockSpec, Budgets, Placement, PlanError, Workload, _allowed_tiers,
+                               _check, _is_count, _nslots)
 from runtime.units import MiB, fmt_bytes
 
 __all__ = ["BlockSpec", "Bandwidths", "Budgets", "Workload", "Placement", "PlanError", "plan"]
 
-KINDS = ("embed", "layer", "head")
-LAUNCH_OVERHEAD_S = 20e-6            # per block per step: kernel launches, hooks, events
 CUDA_MIN_OVERHEAD = 512 * MiB        # CUDA context, allocator fragmentation, workspaces ...
 CUDA_OVERHEAD_DIVISOR = 20           # ... or 5% of the device budget, whichever is larger
 CPU_OVERHEAD = 64 * MiB
@@ -29,262 +31,11 @@ DEFAULT_PREFETCH_DEPTH = 2
 MODES = ("auto", "none", "cpu", "disk")
 
 
-class PlanError(ValueError):
-    """The budgets cannot hold the model as asked.
-
-    ``needed`` / ``budget`` are bytes; ``resource`` names the short budget: "device" | "cpu" | "disk".
-    """
-
-    def __init__(self, message: str, needed: int, budget: int, resource: str = "device"):
-        super().__init__(message)
-        self.needed, self.budget, self.resource = needed, budget, resource
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _is_count(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """One movable piece of the model, in execution order."""
-
-    name: str                      # "embed", "layers.0", ..., "layers.N-1", "head"
-    nbytes: int                    # packed bytes of the block
-    kind: str                      # "embed" | "layer" | "head"
-    flops_per_token: float = 0.0   # ~2 * parameter count of the block
-
-    def __post_init__(self) -> None:
-        _check(self.kind in KINDS, f"block {self.name!r}: kind={self.kind!r} is not one of {KINDS}")
-        _check(_is_count(self.nbytes), f"block {self.name!r}: nbytes={self.nbytes!r} must be an int >= 0")
-        _check(self.flops_per_token >= 0, f"block {self.name!r}: flops_per_token must be >= 0")
-
-
-@dataclass(frozen=True)
-class Bandwidths:
-    """Measured rates in bytes/s (flop/s for ``device_flops``); see runtime/hardware.py."""
-
-    h2d: float           # pinned host->GPU copy (0 when there is no GPU)
-    disk: float          # disk sequential read
-    device_mem: float    # memory bandwidth of the compute device (HBM, or RAM on cpu)
-    device_flops: float  # dense matmul throughput of the compute device
-
-    def __post_init__(self) -> None:
-        for k, v in vars(self).items():
-            _check(v >= 0, f"bandwidths.{k}={v!r} must be >= 0")
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Bytes each tier may use for this model."""
-
-    device: int              # compute device: VRAM for cuda, RAM for cpu
-    cpu: int                 # pinned host RAM for streamed blocks; ignored when device == "cpu"
-    disk: int | None = None  # None = unlimited
-
-    def __post_init__(self) -> None:
-        for k, v in vars(self).items():
-            _check(_is_count(v) or (k == "disk" and v is None), f"budgets.{k}={v!r} must be an int >= 0")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What will run: sizes the KV cache and activation reserve, and the predictions."""
-
-    batch: int = 1
-    context: int = 2048            # max tokens held in the KV cache per sequence
-    prompt: int = 512              # prefill length used for the prediction
-    kv_bytes_per_token: int = 0    # KV bytes per token per sequence, all layers together
-    act_bytes_per_token: int = 0   # activation bytes per token in flight
-
-    def __post_init__(self) -> None:
-        for k, v in vars(self).items():
-            low = 0 if k.endswith("per_token") else 1
-            _check(_is_count(v) and v >= low, f"workload.{k}={v!r} must be an int >= {low}")
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where every block lives, how it is streamed, and what that should cost.
-
-    Fields after ``workload`` are derived. ``staging_bytes``: pinned host buffers for disk
-    reads (cuda with disk blocks: slots x slot_bytes). Times: ``transfer_s`` / ``compute_s``
-    / ``decode_s`` per decode step of the whole batch; ``prefill_compute_s`` / ``prefill_s``
-    per prefill of batch x prompt tokens.
-    """
-
-    device: str                       # "cuda" | "cpu"
-    blocks: tuple[BlockSpec, ...]
-    tiers: tuple[str, ...]            # per block: "gpu" | "cpu" | "disk"
-    prefetch_depth: int               # blocks loaded ahead of the one computing (0: none streamed)
-    kv_budget: int                    # device bytes for the KV cache
-    activations: int                  # device bytes for activations (the prefill peak)
-    overhead: int                     # device bytes for context / allocator / workspaces
-    budgets: Budgets
-    bandwidths: Bandwidths
-    workload: Workload
-    slots: int = field(init=False)
-    slot_bytes: int = field(init=False)
-    staging_bytes: int = field(init=False)
-    transfer_s: float = field(init=False)
-    compute_s: float = field(init=False)
-    prefill_compute_s: float = field(init=False)
-    decode_s: float = field(init=False)
-    prefill_s: float = field(init=False)
-    _index: dict = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        _check(self.device in ("cuda", "cpu"), f"device={self.device!r} must be 'cuda' or 'cpu'")
-        _check(len(self.tiers) == len(self.blocks), f"{len(self.tiers)} tiers for {len(self.blocks)} blocks")
-        bad = [(b.name, t) for b, t in zip(self.blocks, self.tiers) if t not in _allowed_tiers(self.device)]
-        _check(not bad, f"invalid tiers on {self.device}: {bad[:3]}")
-        streamed = [b.nbytes for b, t in zip(self.blocks, self.tiers) if t != self.compute_tier]
-        _check(not streamed or self.prefetch_depth >= 1, "prefetch_depth must be >= 1 when blocks are streamed")
-        put = object.__setattr__
-        put(self, "_index", {b.name: i for i, b in enumerate(self.blocks)})
-        put(self, "slots", _nslots(streamed, self.prefetch_depth))
-        put(self, "slot_bytes", max(streamed, default=0))
-        disk = self.device == "cuda" and "disk" in self.tiers
-        put(self, "staging_bytes", self.slots * self.slot_bytes if disk else 0)
-        for key, value in _predict(self).items():
-            put(self, key, value)
-
-    @property
-    def compute_tier(self) -> str:
-        """The tier the compute device reads directly: "gpu" on cuda, "cpu" on cpu."""
-        return "gpu" if self.device == "cuda" else "cpu"
-
-    @property
-    def reserve(self) -> int:
-        """Device bytes held back for activations and fixed overhead (KV cache not included)."""
-        return self.activations + self.overhead
-
-    def tier_of(self, name: str) -> str:
-        """Home tier of block ``name`` (KeyError for an unknown name)."""
-        if name not in self._index:
-            raise KeyError(f"no block named {name!r} in this placement")
-        return self.tiers[self._index[name]]
-
-    def is_resident(self, name: str) -> bool:
-        """True when block ``name`` lives on the compute device (never streamed)."""
-        return self.tier_of(name) == self.compute_tier
-
-    def streamed(self) -> list[str]:
-        """Names of the streamed blocks, in execution order."""
-        return [b.name for b, t in zip(self.blocks, self.tiers) if t != self.compute_tier]
-
-    def bytes_by_tier(self) -> dict[str, int]:
-        """Block bytes per home tier: {"gpu": ..., "cpu": ..., "disk": ...}."""
-        out = {"gpu": 0, "cpu": 0, "disk": 0}
-        for b, t in zip(self.blocks, self.tiers):
-            out[t] += b.nbytes
-        return out
-
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes of the blocks resident on the compute device."""
-        return self.bytes_by_tier()[self.compute_tier]
-
-    @property
-    def device_bytes(self) -> int:
-        """Planned device use: resident + slots + KV cache + activations + overhead."""
-        return self.resident_bytes + self.slots * self.slot_bytes + self.kv_budget + self.reserve
-
-    @property
-    def host_bytes(self) -> int:
-        """Pinned host bytes: streamed blocks + disk staging (0 on device cpu)."""
-        return self.bytes_by_tier()["cpu"] + self.staging_bytes if self.device == "cuda" else 0
-
-    @property
-    def disk_bytes(self) -> int:
-        """Bytes of the blocks whose home is the disk."""
-        return self.bytes_by_tier()["disk"]
-
-    @property
-    def decode_tok_s(self) -> float:
-        """Predicted decode tokens/s, whole batch."""
-        return self.workload.batch / self.decode_s
-
-    @property
-    def prefill_tok_s(self) -> float:
-        """Predicted prefill tokens/s, whole batch."""
-        return self.workload.batch * self.workload.prompt / self.prefill_s
-
-    @property
-    def decode_bound(self) -> str:
-        """What limits a decode step: "host->GPU copy", "disk read", "memory bandwidth" or "compute"."""
-        return _bound(self, self.compute_s, self.workload.batch)
-
-    @property
-    def prefill_bound(self) -> str:
-        """What limits a prefill (same vocabulary as ``decode_bound``)."""
-        return _bound(self, self.prefill_compute_s, self.workload.batch * self.workload.prompt)
-
-    def table(self) -> str:
-        """A readable placement table: blocks per tier, memory use, predicted speed."""
-        from runtime.plan_table import render
-        return render(self)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def _allowed_tiers(device: str) -> tuple[str, ...]:
-    return ("gpu", "cpu", "disk") if device == "cuda" else ("cpu", "disk")
-
-
-def _nslots(streamed: Sequence[int], depth: int) -> int:
-    return min(depth + 1, len(streamed))
-
-
-# -- cost model --------------------------------------------------------------------------
-def _div(amount: float, rate: float, what: str) -> float:
-    if amount == 0:
-        return 0.0
-    _check(rate > 0, f"bandwidths.{what} is 0 but this placement needs it")
-    return amount / rate
-
-
-def _link_times(p: Placement) -> tuple[float, float]:
-    """(host->GPU seconds, disk seconds) for one pass over the streamed blocks."""
-    by = p.bytes_by_tier()
-    h2d = _div(by["cpu"] + by["disk"], p.bandwidths.h2d, "h2d") if p.device == "cuda" else 0.0
-    return h2d, _div(by["disk"], p.bandwidths.disk, "disk")
-
-
-def _mem_s(p: Placement) -> float:
-    # An embedding lookup reads only the rows it needs, not the whole table.
-    return _div(sum(b.nbytes for b in p.blocks if b.kind != "embed"), p.bandwidths.device_mem, "device_mem")
-
-
-def _flops_s(p: Placement, tokens: int) -> float:
-    return _div(tokens * sum(b.flops_per_token for b in p.blocks), p.bandwidths.device_flops, "device_flops")
-
-
-def _predict(p: Placement) -> dict[str, float]:
-    wl, launch = p.workload, LAUNCH_OVERHEAD_S * len(p.blocks)
-    transfer = max(_link_times(p))
-    compute = max(_mem_s(p), _flops_s(p, wl.batch))
-    prefill = max(_mem_s(p), _flops_s(p, wl.batch * wl.prompt))
-    return {"transfer_s": transfer, "compute_s": compute, "prefill_compute_s": prefill,
-            "decode_s": max(transfer, compute) + launch, "prefill_s": max(transfer, prefill) + launch}
-
-
-def _bound(p: Placement, compute: float, tokens: int) -> str:
-    if p.transfer_s > compute:
-        h2d, disk = _link_times(p)
-        return "disk read" if disk >= h2d else "host->GPU copy"
-    return "memory bandwidth" if _mem_s(p) >= _flops_s(p, tokens) else "compute"
-
-
 # -- planning ----------------------------------------------------------------------------
 def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
          workload: Workload = Workload(), device: str = "cuda",
-         mode: str | Mapping[str, str] = "auto", prefetch_depth: int | None = None) -> Placement:
+         mode: str | Mapping[str, str] = "auto", prefetch_depth: int | None = None,
+         cpu_compute: str | Collection[str] = "auto") -> Placement:
     """Place every block on a tier so that the device budget is never exceeded.
 
     Args:
@@ -301,13 +52,19 @@ def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
             pattern, a later pattern over an earlier one; unnamed blocks are placed as "auto".
         prefetch_depth: blocks loaded ahead of the one computing; default 2, or 1 when only
             two slots fit. 0 in the result when nothing is streamed.
+        cpu_compute: which pinned-RAM layer blocks (cuda only) are computed on the host CPU
+            instead of streamed: "auto" (per phase, the set the cost model predicts fastest;
+            none when ``bandwidths`` has no CPU rates), "never", "always" (every eligible one,
+            in decode steps), or block names / fnmatch patterns (those, in decode steps).
+            Their CPU-kernel copies (``cpu_extra``) must fit the pinned host budget left over
+            and their small tensors (``cpu_small``) the device budget left over.
 
     Returns:
         A frozen :class:`Placement`.
 
     Raises:
         PlanError: the budgets cannot hold the model this way; the message says how much is
-            needed. ValueError: a bad mode, tier, pattern, device or depth.
+            needed. ValueError: a bad mode, tier, pattern, device, depth or cpu_compute.
     """
     blocks = tuple(blocks)
     _check(bool(blocks) and all(isinstance(b, BlockSpec) for b in blocks),
@@ -334,7 +91,12 @@ def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
         raise _too_small(device, budgets.device, kv, act, cheapest, how)
     depth = depth if len(resident) < len(blocks) else 0
     tiers = _offload_tiers(blocks, forced, resident, device, budgets, depth)
-    return Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload)
+    p = Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload)
+    decode, prefill = cpu_sets(p, cpu_compute)
+    if not decode and not prefill:
+        return p
+    return Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload,
+                     decode, prefill)
 
 
 def _forced_tiers(blocks: tuple[BlockSpec, ...], mode, device: str) -> dict[str, str]:

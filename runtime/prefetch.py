@@ -2,10 +2,14 @@
 
 Streamed blocks are visited in one fixed cyclic order (embed, layers..., head, then the next
 forward pass starts over), so the ring can always load the next ``depth`` blocks while the
-current one computes, across forward passes too. Sources:
+current one computes, across forward passes too. With hybrid execution a phase skips the
+blocks it computes on the CPU: between passes the executor calls ``set_order`` with that
+phase's order; the blocks already in flight are kept when they are the new cycle's first ones,
+else the ring is drained and restarts (once per phase switch at most). Sources:
 
 * a host buffer (pinned RAM) -> one ``copy_`` on a dedicated CUDA copy stream, ordered by
   events: ``free[slot]`` (compute finished reading the slot) and ``ready[slot]`` (copy done);
+  on a CPU compute device a plain copy into the slot;
 * a disk block -> a reader thread reads it (O_DIRECT where possible) into the slot's pinned
   staging buffer, then copies it up on the copy stream; on a CPU-only machine the reader thread
   reads straight into the slot.
@@ -38,7 +42,7 @@ class Prefetcher:
     def __init__(self, order: list[str], sources: dict[str, Source], nslots: int, device: torch.device):
         if not order:
             raise ValueError("nothing to stream")
-        self.order, self.sources, self.device = order, sources, device
+        self.order, self.sources, self.device = list(order), sources, device
         self.cuda = device.type == "cuda"
         nslots = max(1, min(nslots, len(order)))
         slot_bytes = max(s.nbytes for s in sources.values())
@@ -58,11 +62,33 @@ class Prefetcher:
         self.bytes_streamed = 0
 
     # -- compute side ---------------------------------------------------------------------
+    def set_order(self, order: list[str]) -> None:
+        """Cycle through ``order`` (a subset of the sources, possibly empty) from the next pass on.
+
+        Call between passes only. In-flight loads are kept when they are the first blocks of the
+        new cycle; otherwise they are drained first (``reset``).
+        """
+        order = list(order)
+        if order == self.order:
+            return
+        if self.current:
+            raise RuntimeError(f"set_order during a pass (blocks {sorted(self.current)} are in use)")
+        missing = [n for n in order if n not in self.sources]
+        if missing:
+            raise ValueError(f"set_order: no source for {missing[:3]}")
+        flight = [name for name, _, _ in self.pending]
+        if not order or flight != [order[i % len(order)] for i in range(len(flight))]:
+            self.reset()
+        self.order = order
+        self.cursor = len(self.pending) % len(order) if order else 0
+
     def acquire(self, name: str) -> torch.Tensor:
         """Wait until block ``name`` is in its slot; returns the slot's bytes."""
         if not self.pending and not self.current:
             for slot in range(len(self.slots)):
                 self._issue(slot)
+        if not self.order:
+            raise RuntimeError(f"prefetch order broken: asked for {name!r}, but this phase streams nothing")
         if not self.pending or self.pending[0][0] != name:
             expected = self.pending[0][0] if self.pending else None
             self.reset()
@@ -99,6 +125,8 @@ class Prefetcher:
 
     # -- copy side ------------------------------------------------------------------------
     def _issue(self, slot: int) -> None:
+        if not self.order:
+            return
         name = self.order[self.cursor]
         self.cursor = (self.cursor + 1) % len(self.order)
         src = self.sources[name]
@@ -112,6 +140,9 @@ class Prefetcher:
         self.pending.append((name, slot, wait))
 
     def _copy_up(self, slot: int, host: torch.Tensor, n: int) -> Callable[[], None]:
+        if not self.cuda:                        # a CPU compute device: the slot is host memory too
+            self.slots[slot][:n].copy_(host[:n])
+            return lambda: None
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.free[slot])
             self.slots[slot][:n].copy_(host[:n], non_blocking=True)

@@ -9,7 +9,7 @@ from runtime import hardware
 from runtime.planner import Bandwidths
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-FAKE = Bandwidths(h2d=0.0, disk=3e9, device_mem=30e9, device_flops=2e11)
+FAKE = Bandwidths(h2d=0.0, disk=3e9, device_mem=30e9, device_flops=2e11, cpu_mem=9e9, cpu_flops=5e10)
 
 
 @pytest.fixture(autouse=True)
@@ -36,6 +36,7 @@ def test_probe_cpu_measures_sane_numbers(tmp_path, fresh_cache):
     assert 1e7 < bw.disk < 1e13
     assert 1e8 < bw.device_mem < 1e13
     assert 1e8 < bw.device_flops < 1e15
+    assert 1e8 < bw.cpu_mem < 1e13 and 1e8 < bw.cpu_flops < 1e15 and bw.has_cpu
     assert 0 < info.ram_available <= info.ram_total
     assert 0 < info.device_free <= info.device_total == info.ram_total
     assert info.disk_free > 0
@@ -88,7 +89,26 @@ def test_corrupt_cache_is_replaced(tmp_path, monkeypatch, fresh_cache):
     calls = []
     monkeypatch.setattr(hardware, "_measure", fake_measure(calls))
     assert hardware.probe("cpu", offload_dir=str(tmp_path)).bandwidths == FAKE
-    assert calls and json.loads((fresh_cache / "hardware.json").read_text())["version"] == 1
+    assert calls and json.loads((fresh_cache / "hardware.json").read_text())["version"] == hardware._CACHE_VERSION
+
+
+def test_cache_without_cpu_rates_is_measured_again(tmp_path, monkeypatch, fresh_cache):
+    """A version-1 cache (before the CPU matmul rates existed) is not reused."""
+    calls = []
+    monkeypatch.setattr(hardware, "_measure", fake_measure(calls))
+    hardware.probe("cpu", offload_dir=str(tmp_path))
+    data = json.loads((fresh_cache / "hardware.json").read_text())
+    data["version"] = 1
+    for entry in data["entries"].values():
+        del entry["cpu_mem"], entry["cpu_flops"]
+    (fresh_cache / "hardware.json").write_text(json.dumps(data))
+    monkeypatch.setattr(hardware, "_memo", {})
+    assert hardware.probe("cpu", offload_dir=str(tmp_path)).bandwidths == FAKE and len(calls) == 2
+
+
+def test_cpu_matmul_rates_are_sane():
+    mem, flops = hardware._cpu_matmul(K=2048)
+    assert 1e8 < mem < 1e13 and 1e8 < flops < 1e15
 
 
 @pytest.mark.parametrize("how", ["env", "arg"])

@@ -246,7 +246,7 @@ def _stage(k, node: NodeSpec, blocks, first: int, end: int, n_layers: int, wl: W
     mode = stage_mode(offload, mine)
     try:
         p = planner.plan(mine, node.budgets, node.bandwidths, swl, device=node.device, mode=mode,
-                         prefetch_depth=prefetch_depth)
+                         prefetch_depth=prefetch_depth, cpu_compute="never")   # as the stages run
     except PlanError as e:
         errors.append((node.name, e))
         return None

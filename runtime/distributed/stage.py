@@ -160,7 +160,8 @@ class Stage(Engine):
         from runtime.distributed.cluster_plan import stage_mode
         from runtime.engine import _mode      # "auto" / "none" / ... / dict, as the Engine reads it
         return planner.plan(specs, planner.Budgets(device, cpu, disk), bw, wl, device=dev.type,
-                            mode=stage_mode(_mode(s.offload), tuple(specs)), prefetch_depth=s.prefetch_depth)
+                            mode=stage_mode(_mode(s.offload), tuple(specs)), prefetch_depth=s.prefetch_depth,
+                            cpu_compute="never")      # pipeline stages stream only (no hybrid yet)
 
     def _stub_others(self, arch) -> None:
         """Replace the layers and embedding modules that other stages own."""
