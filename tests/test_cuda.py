@@ -100,3 +100,35 @@ def test_quantized_gpu_matches_cpu_reference(quant, tiny_models):
     want, got = _cpu_gpu_logits(path, ids, quantize=quant, group_size=g)
     rel = _rel(got, want)
     assert rel < 2 * base + 5e-3, (quant, rel, base)
+
+
+def test_closing_an_inference_frees_its_gpu_memory(tiny_models, tmp_path):
+    """A second model can load where the first one was: nothing of a closed Inference stays on the GPU."""
+    import gc
+    path = tiny_models("llama")
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    for place in ("none", {"layers.1": "cpu", "layers.2": "disk"}):
+        with exa.Inference(str(path), offload=place, device="cuda", quantize="int4", group_size=32,
+                           offload_dir=str(tmp_path), progress=False) as llm:
+            llm.generate_ids(_ids(1), 3)
+            assert torch.cuda.memory_allocated() > base
+        del llm
+        gc.collect()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - base < 1 << 20, place      # kernel workspaces at most
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpu_pipeline_equals_one_gpu(tiny_models):
+    """Stages on cuda:0 and cuda:1 (threads of this process) give the single GPU's logits and tokens."""
+    path = tiny_models("llama")
+    ids = _ids()
+    with exa.Inference(str(path), device="cuda:0", quantize="int4", group_size=32, progress=False) as one:
+        want, want_tokens = one.logits(ids), one.generate_ids(ids[:1], 6)
+    with exa.Inference(str(path), cluster=["cuda:0", "cuda:1"], quantize="int4", group_size=32,
+                       progress=False) as two:
+        assert len(two.plan.stages) == 2
+        torch.testing.assert_close(two.logits(ids).cpu(), want.cpu(), rtol=0, atol=0)
+        assert torch.equal(two.generate_ids(ids[:1], 6).cpu(), want_tokens.cpu())

@@ -77,6 +77,8 @@ class StageWorker:
     def call(self, method: str, *args):
         """Run ``method`` of the worker (hardware, load, unload, ping) or of its stage."""
         args = tuple(a.result() if isinstance(a, Future) else a for a in args)
+        if self.device and self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.set_device(torch.device(self.device))   # this thread's streams, kernels, events
         if method in ("hardware", "load", "unload", "ping"):
             return getattr(self, method)(*args)
         if method not in STAGE_METHODS:
