@@ -22,7 +22,6 @@ layer by layer) unless ``--model DIR`` names one.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 import time
@@ -63,6 +62,8 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16, help="decode steps timed (default 16)")
     p.add_argument("--batch", type=int, default=32, help="the large decode batch (default 32)")
     p.add_argument("--out", default="cluster.json", help="JSON results file (default cluster.json)")
+    p.add_argument("--isolate", action="store_true", help="run each setup in a process of its own")
+    p.add_argument("--only", choices=("single", "pipeline"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.tiny:
         a.shape, a.prompt, a.new_tokens, a.batch = "tiny", min(a.prompt, 32), min(a.new_tokens, 4), min(a.batch, 4)
@@ -142,40 +143,57 @@ def _predicted(plan) -> dict:
     return {"decode_tok_s": plan.decode_tok_s, "prefill_tok_s": plan.prefill_tok_s}
 
 
-def run(a) -> dict:
+def _setup(a, setup: str, path: str, common: dict, vocab, first: str) -> dict:
+    """Load one setup (one GPU, or the pipeline over ``a.gpus``) and measure it."""
     import exa
-    path = _model(a)
+    _peaks(a)                                   # reset
+    if setup == "single":
+        with exa.Inference(path, device=first, **common) as llm:
+            return {**measure(llm, a, vocab or llm.engine.config.vocab_size), "predicted": _predicted(llm.plan),
+                    **_peaks(a)}
+    cluster = "auto" if a.transport == "ray" else \
+        [f"cuda:{i}" for i in range(a.gpus)] if a.device == "cuda" else ["cpu"] * a.gpus
+    with exa.Inference(path, cluster=cluster, **common) as llm:
+        return {**measure(llm, a, vocab or llm.engine.config.vocab_size), "predicted": _predicted(llm.plan),
+                "stages": len(llm.plan.stages), "table": llm.plan.table(), **_peaks(a)}
+
+
+def _in_child(a, setup: str) -> dict:
+    """Run one setup in a fresh process (so the two never share GPU or pinned memory)."""
+    import subprocess
+    out = Path(a.out).with_suffix(f".{setup}.json")
+    argv = [x for x in sys.argv[1:] if x != "--isolate"]
+    p = subprocess.run([sys.executable, __file__, *argv, "--only", setup, "--out", str(out)])
+    if p.returncode != 0 or not out.is_file():
+        raise SystemExit(f"the {setup} run failed (exit {p.returncode})")
+    return json.loads(out.read_text())[setup]
+
+
+def _common(a) -> dict:
+    """Inference arguments both setups share; on CUDA the budget is also enforced on every GPU."""
     common = dict(offload="auto", max_context=a.prompt + a.new_tokens + 8, batch_size=a.batch, progress=False)
     if a.device == "cuda":
         common["max_gpu_memory"] = a.budget
-    else:
-        common["max_cpu_memory"] = a.budget
-    vocab = SHAPES[a.shape]["vocab_size"] if not a.model else None
-    results = {"model": path, "shape": a.shape, "quant": a.quant, "budget_per_gpu": a.budget, "transport": a.transport,
-               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
-               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    first = "cuda:0" if a.device == "cuda" else "cpu"
-    if a.device == "cuda":                      # the budget is enforced on every GPU, not just planned
         from runtime.units import parse_size
         for i in range(torch.cuda.device_count()):
             total = torch.cuda.get_device_properties(i).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, parse_size(a.budget) / total), i)
-    _peaks(a)                                   # reset
-    with exa.Inference(path, device=first, **common) as llm:
-        vocab = vocab or llm.engine.config.vocab_size
-        results["single"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan), **_peaks(a)}
-    del llm                                     # else its GPU blocks live on beside the pipeline's
-    gc.collect()
-    if a.device == "cuda":
-        torch.cuda.empty_cache()
-    if a.transport == "ray":
-        cluster = "auto"
     else:
-        cluster = [f"cuda:{i}" for i in range(a.gpus)] if a.device == "cuda" else ["cpu"] * a.gpus
-    with exa.Inference(path, cluster=cluster, **common) as llm:
-        results["pipeline"] = {**measure(llm, a, vocab), "predicted": _predicted(llm.plan),
-                               "stages": len(llm.plan.stages), **_peaks(a)}
-        print(llm.plan.table(), file=sys.stderr)
+        common["max_cpu_memory"] = a.budget
+    return common
+
+
+def run(a) -> dict:
+    path = _model(a)
+    common = _common(a)
+    vocab = SHAPES[a.shape]["vocab_size"] if not a.model else None
+    results = {"model": path, "shape": a.shape, "quant": a.quant, "budget_per_gpu": a.budget, "transport": a.transport,
+               "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "isolated": a.isolate}
+    first = "cuda:0" if a.device == "cuda" else "cpu"
+    for setup in ("single", "pipeline"):
+        results[setup] = _in_child(a, setup) if a.isolate else _setup(a, setup, path, common, vocab, first)
+    print(results["pipeline"].pop("table", ""), file=sys.stderr)
     results["greedy_tokens_equal"] = results["single"]["tokens"] == results["pipeline"]["tokens"]
     for key in ("decode_tok_s_b1", f"decode_tok_s_b{a.batch}", "prefill_tok_s_b1"):
         results[f"speedup_{key}"] = results["pipeline"][key] / results["single"][key]
@@ -187,6 +205,11 @@ def main(argv=None) -> int:
     if a.device == "cuda" and a.transport == "local" and torch.cuda.device_count() < a.gpus:
         raise SystemExit(f"--gpus {a.gpus} needs {a.gpus} CUDA devices, this machine has "
                          f"{torch.cuda.device_count()} (use --device cpu --tiny for a smoke run)")
+    if a.only:
+        path = _model(a)
+        res = {a.only: _setup(a, a.only, path, _common(a), None, "cuda:0" if a.device == "cuda" else "cpu")}
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        return 0
     res = run(a)
     Path(a.out).write_text(json.dumps(res, indent=2))
     for k in ("single", "pipeline"):
