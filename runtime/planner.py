@@ -17,7 +17,7 @@ import itertools
 import re
 from typing import Collection, Mapping, Sequence
 
-from runtime.cost_model import cpu_sets
+from runtime.cost_model import cpu_sets, spread
 from runtime.placement import (Bandwidths, BlockSpec, Budgets, Placement, PlanError, Workload, _allowed_tiers,
                                _check, _is_count, _nslots)
 from runtime.units import MiB, fmt_bytes
@@ -45,8 +45,9 @@ def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
             streamed, ``disk`` > 0 when anything lives on disk.
         workload: batch / context / prompt sizes; sizes the KV cache and activations.
         device: "cuda" (or "cuda:N") or "cpu".
-        mode: "auto" (embed/head resident, then as many layers as fit, from the first; the
-            rest streamed from pinned RAM up to its budget, then disk), "none" (everything
+        mode: "auto" (embed/head resident, then as many layers as fit, spread evenly among
+            the streamed ones so that their compute hides behind the copies; the rest
+            streamed from pinned RAM up to its budget, then disk), "none" (everything
             resident), "cpu" / "disk" (every layer streamed from that tier), or a dict of
             block name or fnmatch pattern ("layers.*") -> tier. An exact name wins over a
             pattern, a later pattern over an earlier one; unnamed blocks are placed as "auto".
@@ -132,8 +133,8 @@ def _prefix_costs(fixed: int, streamed: list[int], layers: list[int], depth: int
 def _choose_resident(blocks, forced, res_tier, avail, depths):
     """(resident names, depth, None) of the preferred layout that fits, else (None, 0, cheapest).
 
-    Preference: the deepest prefetch, then the most embed/head blocks resident, then the most
-    layers resident from the first one. ``cheapest`` = (device bytes, slots, slot bytes).
+    Preference: the deepest prefetch, then the most embed/head blocks resident, then the
+    most layers resident, spread evenly among the streamed ones (``_spread_resident``). ``cheapest`` = (device bytes, slots, slot bytes).
     """
     fixed_res = [b for b in blocks if forced.get(b.name) == res_tier]
     fixed_str = [b.nbytes for b in blocks if forced.get(b.name, res_tier) != res_tier]
@@ -148,12 +149,31 @@ def _choose_resident(blocks, forced, res_tier, avail, depths):
             costs = _prefix_costs(base + sum(b.nbytes for b in subset), streamed, sizes, depth)
             fits = [r for r, c in enumerate(costs) if c <= avail]
             if fits:
-                return {b.name for b in fixed_res + list(subset) + layers[: max(fits)]}, depth, None
+                chosen = _spread_resident(layers, max(fits), avail - (base + sum(b.nbytes for b in subset)),
+                                          streamed, depth)
+                return {b.name for b in fixed_res + list(subset) + chosen}, depth, None
             r = costs.index(min(costs))
             if cheapest is None or costs[r] < cheapest[0]:
                 tail = streamed + sizes[r:]
                 cheapest = (costs[r], _nslots(tail, depth), max(tail, default=0))
     return None, 0, cheapest
+
+
+def _spread_resident(layers: list, r: int, room: int, streamed: list[int], depth: int) -> list:
+    """``r`` resident layers spread evenly among the streamed ones (when the ring still fits).
+
+    With the resident layers first, the copy engine idles while they compute (only
+    ``depth`` blocks can be fetched ahead), and a step costs resident compute + transfer.
+    Spread out, every resident layer's compute hides behind the copy of the next streamed
+    block, so a step costs max(transfer, compute).
+    """
+    if r in (0, len(layers)):
+        return layers[:r]
+    keep = {id(b) for b in spread(layers, r)}
+    res = [b for b in layers if id(b) in keep]
+    rest = streamed + [b.nbytes for b in layers if id(b) not in keep]
+    cost = sum(b.nbytes for b in res) + min(depth + 1, len(rest)) * max(rest)
+    return res if cost <= room else layers[:r]
 
 
 def _too_small(device: str, budget: int, kv: int, act: int, cheapest: tuple, how: str) -> PlanError:

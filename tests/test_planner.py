@@ -24,6 +24,16 @@ def tiers(p):
     return {b.name: t for b, t in zip(p.blocks, p.tiers)}
 
 
+# 10 layers, 4 resident: spread(layers, 4) = items[(j + 1) * 10 // 4 - 1] for j = 0..3
+# = layers 1, 4, 6, 9; the other six (0, 2, 3, 5, 7, 8) are streamed.
+RESIDENT_4_OF_10 = [1, 4, 6, 9]
+STREAMED_6_OF_10 = [0, 2, 3, 5, 7, 8]
+
+
+def layer_tiers(p):
+    return [t for b, t in zip(p.blocks, p.tiers) if b.kind == "layer"]
+
+
 def check_budgets(p: Placement):
     """The promises every placement keeps."""
     assert p.resident_bytes + p.slots * p.slot_bytes + p.kv_budget + p.reserve == p.device_bytes
@@ -41,15 +51,17 @@ def check_budgets(p: Placement):
 # -- auto -------------------------------------------------------------------------------------
 def test_auto_hand_computed_layout():
     # 10 GiB budget: overhead max(512 MiB, 5%) = 512 MiB -> 9.5 GiB for weights + slots.
-    # embed + head (2) + 3 slots (3) + r layers <= 9.5  ->  r = 4.
+    # embed + head (2) + 3 slots (3) + r layers <= 9.5  ->  r = 4, spread: layers 1, 4, 6, 9.
     p = plan(model(), Budgets(10 * GiB, 100 * GiB), BW, NO_KV)
     t = tiers(p)
     assert t["embed"] == t["head"] == "gpu"
-    assert [t[f"layers.{i}"] for i in range(10)] == ["gpu"] * 4 + ["cpu"] * 6
+    assert [t[f"layers.{i}"] for i in range(10)] == ["cpu", "gpu", "cpu", "cpu", "gpu",
+                                                     "cpu", "gpu", "cpu", "cpu", "gpu"]
     assert (p.prefetch_depth, p.slots, p.slot_bytes) == (2, 3, GiB)
     assert p.overhead == 512 * MiB and p.kv_budget == 0
     assert p.device_bytes == int(9.5 * GiB)
-    assert p.streamed() == [f"layers.{i}" for i in range(4, 10)]
+    assert p.streamed() == [f"layers.{i}" for i in STREAMED_6_OF_10]
+    assert [i for i in range(10) if t[f"layers.{i}"] == "gpu"] == RESIDENT_4_OF_10
     assert p.bytes_by_tier() == {"gpu": 6 * GiB, "cpu": 6 * GiB, "disk": 0}
     assert p.staging_bytes == 0
     check_budgets(p)
@@ -75,19 +87,61 @@ def test_kv_and_activations_are_reserved():
     check_budgets(p)
 
 
-def test_resident_layers_are_a_prefix():
-    p = plan(model(n_layers=40, layer=300 * MiB), Budgets(8 * GiB, 100 * GiB), BW, NO_KV)
-    layer_tiers = [t for b, t in zip(p.blocks, p.tiers) if b.kind == "layer"]
-    n = layer_tiers.count("gpu")
-    assert 0 < n < 40 and layer_tiers[:n] == ["gpu"] * n
+def test_resident_layers_are_spread_evenly():
+    blocks = model(n_layers=40, layer=300 * MiB)
+    budgets = Budgets(8 * GiB, 100 * GiB)
+    p = plan(blocks, budgets, BW, NO_KV)
+    # As many layers resident as a prefix placement: overhead max(512 MiB, 8 GiB / 20) = 512 MiB
+    # -> 7680 MiB; embed + head 2048 + 3 slots x 300 + r x 300 <= 7680  ->  r = 15.
+    lt = layer_tiers(p)
+    resident = [i for i, t in enumerate(lt) if t == "gpu"]
+    assert len(resident) == 15
+    assert lt.count("cpu") == 25
+    # ... and a prefix of 15 fits, a prefix of 16 does not (the same depth, embed / head resident)
+    fixed = {"embed": "gpu", "head": "gpu", "layers.*": "cpu"}
+    prefix = plan(blocks, budgets, BW, NO_KV, mode={**fixed, **{f"layers.{i}": "gpu" for i in range(15)}},
+                  prefetch_depth=2)
+    assert layer_tiers(prefix) == ["gpu"] * 15 + ["cpu"] * 25
+    check_budgets(prefix)
+    with pytest.raises(PlanError, match="too small"):
+        plan(blocks, budgets, BW, NO_KV, mode={**fixed, **{f"layers.{i}": "gpu" for i in range(16)}},
+             prefetch_depth=2)
+    # evenly spaced: counting from a virtual layer -1, every gap is 40 // 15 or 40 // 15 + 1
+    gaps = [b - a for a, b in zip([-1] + resident, resident)]
+    assert set(gaps) <= {40 // 15, 40 // 15 + 1} and max(gaps) - min(gaps) <= 1
+    assert resident[-1] == 39                                     # the last layer is resident
+    assert resident == [(j + 1) * 40 // 15 - 1 for j in range(15)]
+    assert (p.prefetch_depth, p.slots, p.slot_bytes) == (2, 3, 300 * MiB)
+    assert p.device_bytes == prefix.device_bytes                  # the same bytes, placed otherwise
     check_budgets(p)
 
 
+def test_unequal_layers_fall_back_to_the_prefix_when_the_spread_set_does_not_fit():
+    # layers.0 is 3 GiB, layers.1-9 1 GiB; 9.5 GiB usable. A prefix of r >= 1 layers costs
+    # embed + head 2 + (3 + r - 1) + 3 slots x 1 GiB = 7 + r <= 9.5 -> r = 2 (layers.0, layers.1).
+    # The spread pair (layers.4, layers.9) leaves the 3 GiB layers.0 streamed: 2 + 2 + 3 x 3 = 13.
+    blocks = [dataclasses.replace(b, nbytes=3 * GiB) if b.name == "layers.0" else b for b in model()]
+    budgets = Budgets(10 * GiB, 100 * GiB)
+    p = plan(blocks, budgets, BW, NO_KV)
+    t = tiers(p)
+    assert t["embed"] == t["head"] == "gpu"
+    assert [t[f"layers.{i}"] for i in range(10)] == ["gpu"] * 2 + ["cpu"] * 8
+    assert (p.prefetch_depth, p.slots, p.slot_bytes) == (2, 3, GiB)
+    assert p.device_bytes == 9 * GiB + 512 * MiB
+    check_budgets(p)
+    # the spread set really does not fit at that depth with embed / head resident
+    spread_pair = {"embed": "gpu", "head": "gpu", "layers.*": "cpu", "layers.4": "gpu", "layers.9": "gpu"}
+    with pytest.raises(PlanError, match="too small"):
+        plan(blocks, budgets, BW, NO_KV, mode=spread_pair, prefetch_depth=2)
+
+
 def test_spill_to_disk_past_host_budget_keeps_staging():
-    # host budget 5 GiB; disk is needed, so 3 slots x 1 GiB of staging stay free -> 2 layers in RAM
+    # host budget 5 GiB; disk is needed, so 3 slots x 1 GiB of staging stay free -> 2 layers in
+    # RAM, the first two streamed ones (first fit in order): layers.0, 2; then 3, 5, 7, 8 on disk
     p = plan(model(), Budgets(10 * GiB, 5 * GiB), BW, NO_KV)
     t = tiers(p)
-    assert [t[f"layers.{i}"] for i in range(4, 10)] == ["cpu"] * 2 + ["disk"] * 4
+    assert [t[f"layers.{i}"] for i in range(10)] == ["cpu", "gpu", "cpu", "disk", "gpu",
+                                                     "disk", "gpu", "disk", "disk", "gpu"]
     assert p.staging_bytes == 3 * GiB
     assert p.host_bytes == 5 * GiB
     check_budgets(p)
@@ -213,7 +267,9 @@ def test_dict_mode_unnamed_blocks_placed_by_auto():
     p = plan(model(), Budgets(10 * GiB, 100 * GiB), BW, NO_KV, mode={"layers.9": "disk"})
     t = tiers(p)
     assert t["layers.9"] == "disk"
-    assert [t[f"layers.{i}"] for i in range(9)] == ["gpu"] * 4 + ["cpu"] * 5
+    # 4 of the 9 auto layers resident, spread: (j + 1) * 9 // 4 - 1 = layers 1, 3, 5, 8
+    assert [t[f"layers.{i}"] for i in range(9)] == ["cpu", "gpu", "cpu", "gpu", "cpu",
+                                                    "gpu", "cpu", "cpu", "gpu"]
     check_budgets(p)
 
 
@@ -265,9 +321,11 @@ def test_cpu_device_rules():
     t = tiers(p)
     assert set(p.tiers) <= {"cpu", "disk"} and p.compute_tier == "cpu"
     assert p.overhead == 64 * MiB
-    # 2 + 3 + r <= 10 GiB - 64 MiB -> r = 4
-    assert [t[f"layers.{i}"] for i in range(10)] == ["cpu"] * 4 + ["disk"] * 6
-    assert p.is_resident("layers.0") and not p.is_resident("layers.9")
+    # 2 + 3 + r <= 10 GiB - 64 MiB -> r = 4, spread: layers 1, 4, 6, 9
+    assert [t[f"layers.{i}"] for i in range(10)] == ["disk", "cpu", "disk", "disk", "cpu",
+                                                     "disk", "cpu", "disk", "disk", "cpu"]
+    assert p.is_resident("layers.9") and not p.is_resident("layers.0")
+    assert p.streamed() == [f"layers.{i}" for i in STREAMED_6_OF_10]
     assert p.staging_bytes == 0 and p.host_bytes == 0
     # decode: 6 GiB from disk at 1 GiB/s
     assert p.transfer_s == pytest.approx(6.0)
@@ -318,7 +376,7 @@ def test_zero_h2d_bandwidth_is_rejected_when_streaming():
 # -- queries and table ------------------------------------------------------------------------
 def test_queries():
     p = plan(model(), Budgets(10 * GiB, 5 * GiB), BW, NO_KV)
-    assert p.tier_of("layers.9") == "disk" and p.tier_of("embed") == "gpu"
+    assert p.tier_of("layers.8") == "disk" and p.tier_of("layers.9") == "gpu" and p.tier_of("embed") == "gpu"
     with pytest.raises(KeyError):
         p.tier_of("layers.99")
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -329,9 +387,18 @@ def test_table_mentions_every_tier_and_prediction():
     p = plan(model(), Budgets(10 * GiB, 5 * GiB), BW, NO_KV)
     text = p.table()
     assert str(p) == text
-    for word in ("gpu", "cpu", "disk", "layers.0-3", "layers.4-5", "layers.6-9", "4 x 1.00 GiB",
+    for word in ("gpu", "cpu", "disk", "layers.7-8", "2 x 1.00 GiB = 2.00 GiB",
                  "embed", "head", "KV cache", "tok/s", "decode", "prefill", "disk read", "staging",
                  "10.00 GiB budget"):
         assert word in text, word
+    # one row per run of blocks of one tier: resident layers 1, 4, 6, 9; layers.0, 2 in RAM
+    lines = text.splitlines()
+    rows = [line.split()[:3] for line in lines[2:lines.index("Device memory (GPU):")]]
+    assert rows == [["embed", "gpu", "resident"], ["layers.0", "cpu", "streamed"],
+                    ["layers.1", "gpu", "resident"], ["layers.2", "cpu", "streamed"],
+                    ["layers.3", "disk", "streamed"], ["layers.4", "gpu", "resident"],
+                    ["layers.5", "disk", "streamed"], ["layers.6", "gpu", "resident"],
+                    ["layers.7-8", "disk", "streamed"], ["layers.9", "gpu", "resident"],
+                    ["head", "gpu", "resident"]]
     cpu_text = plan(model(), Budgets(10 * GiB, 0), BW, NO_KV, device="cpu").table()
     assert "disk" in cpu_text and "RAM" in cpu_text

@@ -8,13 +8,14 @@ from runtime.cost_model import HOST_SYNC_S, LAUNCH_OVERHEAD_S, spread
 from runtime.planner import Bandwidths, BlockSpec, Budgets, PlanError, Workload, plan
 from runtime.units import GiB
 
-# 10 layers of 1 GiB, 2 GFLOP/token each; a 10 GiB GPU holds embed, head and 4 layers, so
-# layers.4-9 (6 GiB) stream from pinned RAM. PCIe 10 GiB/s: 0.1 s per block, 0.6 s per decode
-# step streaming; the CPU reads a block in 0.05 s (20 GiB/s).
+# 10 layers of 1 GiB, 2 GFLOP/token each; a 10 GiB GPU holds embed, head and 4 layers, spread
+# over the 10 (runtime.cost_model.spread: (j + 1) * 10 // 4 - 1 = layers 1, 4, 6, 9), so layers
+# 0, 2, 3, 5, 7, 8 (6 GiB) stream from pinned RAM. PCIe 10 GiB/s: 0.1 s per block, 0.6 s per
+# decode step streaming; the CPU reads a block in 0.05 s (20 GiB/s).
 SLOW_LINK = Bandwidths(h2d=10 * GiB, disk=1 * GiB, device_mem=100 * GiB, device_flops=1e12,
                        cpu_mem=20 * GiB, cpu_flops=1e11)
 WL = Workload(batch=1, context=16, prompt=512)
-HOST = [f"layers.{i}" for i in range(4, 10)]
+HOST = [f"layers.{i}" for i in (0, 2, 3, 5, 7, 8)]
 
 
 def model(extra=GiB // 2, small=4096, ok=True):
@@ -61,7 +62,7 @@ def test_slow_link_at_batch_1_computes_some_layers_on_the_cpu():
 
 def test_the_cpu_blocks_are_spread_over_the_streamed_ones():
     chosen = sorted(place().cpu_compute, key=lambda n: int(n.split(".")[1]))
-    assert chosen == spread(HOST, len(chosen)) and chosen[-1] == "layers.9"
+    assert chosen == spread(HOST, len(chosen)) and chosen[-1] == "layers.8"     # the last streamed one
     assert spread(list("abcdef"), 2) == ["c", "f"] and spread(list("abc"), 3) == list("abc")
     assert spread(list("abc"), 0) == []
 
@@ -126,14 +127,14 @@ def test_bad_cpu_compute(how, words):
 def test_only_on_cuda_and_only_pinned_ram():
     cpu = plan(model(), Budgets(10 * GiB, 0), SLOW_LINK, WL, device="cpu", cpu_compute="always")
     assert cpu.cpu_compute == frozenset() and not cpu.cpu_candidates()
-    # 5 GiB of pinned RAM: 3 GiB of disk staging, layers.4-5 in RAM, layers.6-9 on disk
+    # 5 GiB of pinned RAM: 3 GiB of disk staging, layers.0, 2 in RAM, layers.3, 5, 7, 8 on disk
     bw, budgets = dataclasses.replace(SLOW_LINK, disk=40 * GiB), Budgets(10 * GiB, 5 * GiB)
     disk = place(bw, budgets=budgets, extra=0)
-    assert [disk.tier_of(f"layers.{i}") for i in (5, 6)] == ["cpu", "disk"]
+    assert [disk.tier_of(n) for n in HOST] == ["cpu", "cpu", "disk", "disk", "disk", "disk"]
     assert disk.cpu_compute and all(disk.tier_of(n) == "cpu" for n in disk.cpu_compute)
     check(disk)
     with pytest.raises(ValueError, match="cannot be computed"):
-        place(bw, budgets=budgets, extra=0, cpu_compute=["layers.9"])
+        place(bw, budgets=budgets, extra=0, cpu_compute=["layers.8"])
 
 
 def test_unmeasured_cpu_rates():
@@ -166,6 +167,7 @@ def test_bad_block_and_placement_inputs():
         BlockSpec("layers.0", 1, "layer", cpu_extra=-1)
     from runtime.placement import Placement
     p = place(cpu_compute="never")
+    assert p.tier_of("layers.1") == "gpu"
     with pytest.raises(ValueError, match="not pinned-RAM blocks"):
         Placement(p.device, p.blocks, p.tiers, p.prefetch_depth, p.kv_budget, p.activations, p.overhead,
-                  p.budgets, p.bandwidths, p.workload, frozenset({"layers.0"}))
+                  p.budgets, p.bandwidths, p.workload, frozenset({"layers.1"}))
