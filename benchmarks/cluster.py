@@ -171,7 +171,8 @@ def _in_child(a, setup: str) -> dict:
 
 def _common(a) -> dict:
     """Inference arguments both setups share; on CUDA the budget is also enforced on every GPU."""
-    common = dict(offload="auto", max_context=a.prompt + a.new_tokens + 8, batch_size=a.batch, progress=False)
+    common = dict(offload="auto", max_context=a.prompt + a.new_tokens + 8, batch_size=a.batch, progress=False,
+                  cpu_compute="never")     # pipeline stages stream only; so does the one-GPU baseline
     if a.device == "cuda":
         common["max_gpu_memory"] = a.budget
         from runtime.units import parse_size

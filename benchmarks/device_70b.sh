@@ -16,8 +16,12 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 (nproc; free -g; df -h .) >> "$OUT/gpu.txt" 2>&1
 B="python3 benchmarks/llm70b.py --dir $PWD/.bench --out $OUT/llm70b.json"
 M=$PWD/.bench/llama3-70b-shape-int4
+START=$(date +%s)
 for s in $STAGES; do
   t0=$(date +%s)
+  if [ -n "${DEADLINE:-}" ] && [ $(( t0 - START )) -ge "$DEADLINE" ]; then
+    echo "$s: skipped (past the ${DEADLINE} s deadline)" | tee -a "$OUT/stages.txt"; continue
+  fi
   case $s in
     tests)   timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short --durations=5 \
                tests/test_cuda.py tests/test_fastload.py > "$OUT/cuda_tests.txt" 2>&1 ;;
@@ -26,8 +30,8 @@ for s in $STAGES; do
     hybrid_tests) timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short \
                tests/test_cuda_hybrid.py > "$OUT/cuda_hybrid_tests.txt" 2>&1 ;;
     synth)   $B --steps synth >> "$OUT/llm70b.txt" 2>&1 ;;
-    cluster) timeout 480 python3 benchmarks/cluster.py --gpus 2 --budget 24GiB --model $M --prompt 512 \
-               --new-tokens 16 --batch 32 --out "$OUT/cluster.json" > "$OUT/cluster.txt" 2>&1 ;;
+    cluster) timeout ${CLUSTER_TIMEOUT:-480} python3 benchmarks/cluster.py --gpus 2 --budget 24GiB --model $M \
+               --prompt 256 --new-tokens 12 --batch 32 --isolate --out "$OUT/cluster.json" > "$OUT/cluster.txt" 2>&1 ;;
     bounds)  $B --steps bounds >> "$OUT/llm70b.txt" 2>&1 ;;
     b24)     $B --steps budgets --budgets 24GiB >> "$OUT/llm70b.txt" 2>&1 ;;
     budgets) $B --steps budgets --budgets 16GiB,12GiB --new-tokens 64 >> "$OUT/llm70b.txt" 2>&1 ;;
@@ -36,3 +40,4 @@ for s in $STAGES; do
   esac
   echo "$s: rc=$? $(( $(date +%s) - t0 )) s" | tee -a "$OUT/stages.txt"
 done
+cp -f .cache/tuning.json "$OUT/tuning.json" 2>/dev/null || true

@@ -126,4 +126,5 @@ def write_random_quantized(path: str | Path, config, quant: str = "int4", group_
     bar = tqdm(blocks, desc=f"writing random {spec.name} checkpoint", unit="block", disable=not progress)
     return write_checkpoint(path, bar, lambda b: pack_block(src, b), config=config, tokenizer_dir=None,
                             quant=spec.to_json(), skip_modules=["lm_head"], dtype=torch.bfloat16,
-                            metadata={"synthetic": f"random N(0, {std}) weights, RTN {spec.name}"})
+                            metadata={"synthetic": f"random N(0, {std}) weights, RTN {spec.name}"},
+                            writers=8, durable=False)

@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -41,8 +43,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_shard(path: Path, buf: torch.Tensor, layout: Layout) -> str:
-    """One block as a safetensors file with 4 KiB-aligned data; returns the data's sha256."""
+def write_shard(path: Path, buf: torch.Tensor, layout: Layout, durable: bool = True) -> str:
+    """One block as a safetensors file with 4 KiB-aligned data; returns the data's sha256.
+
+    ``durable=False`` skips the fsync (scratch data such as benchmark models)."""
     data = memoryview(buf.detach().cpu().contiguous().numpy())
     header = {"block": {"dtype": "U8", "shape": [len(data)], "data_offsets": [0, len(data)]},
               "__metadata__": {"exa_layout": json.dumps(layout.to_json())}}
@@ -54,14 +58,20 @@ def write_shard(path: Path, buf: torch.Tensor, layout: Layout) -> str:
         f.write(raw)
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     return hashlib.sha256(data).hexdigest()
 
 
 def write_checkpoint(out_dir: str | Path, blocks: Iterable, pack: Callable, *, config, tokenizer_dir: Callable | None,
                      quant: dict | None, skip_modules: list[str], dtype: torch.dtype, metadata: dict,
-                     overwrite: bool = False) -> Path:
-    """Write an exa checkpoint; ``pack(block) -> uint8 buffer`` is called once per block, in order."""
+                     overwrite: bool = False, writers: int = 4, durable: bool = True) -> Path:
+    """Write an exa checkpoint; ``pack(block) -> uint8 buffer`` is called once per block, in order.
+
+    Shards are hashed and written by ``writers`` threads while the next blocks are packed (at
+    most ``2 * writers`` packed blocks wait in memory). ``durable=False`` skips the fsyncs
+    (scratch data); the checkpoint still appears atomically, by one rename, when complete.
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
@@ -69,13 +79,23 @@ def write_checkpoint(out_dir: str | Path, blocks: Iterable, pack: Callable, *, c
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "blocks").mkdir(parents=True)
     try:
-        rows = []
-        for i, b in enumerate(blocks):
-            buf = pack(b)
-            fname = f"blocks/{i:05d}-{b.name}.safetensors"
-            sha = write_shard(tmp / fname, buf[: b.layout.nbytes], b.layout)
-            rows.append({"name": b.name, "kind": b.kind, "file": fname, "sha256": sha,
+        rows, pending = [], deque()
+
+        def finish_one() -> None:
+            b, fname, fut = pending.popleft()
+            rows.append({"name": b.name, "kind": b.kind, "file": fname, "sha256": fut.result(),
                          "nbytes": b.layout.nbytes, "layout": b.layout.to_json()})
+
+        with ThreadPoolExecutor(max(1, writers), thread_name_prefix="exa-write") as pool:
+            for i, b in enumerate(blocks):
+                buf = pack(b)
+                fname = f"blocks/{i:05d}-{b.name}.safetensors"
+                pending.append((b, fname, pool.submit(write_shard, tmp / fname, buf[: b.layout.nbytes],
+                                                      b.layout, durable)))
+                while len(pending) >= 2 * max(1, writers) or (pending and pending[0][2].done()):
+                    finish_one()
+            while pending:
+                finish_one()
         config.save_pretrained(tmp)
         if tokenizer_dir is not None:
             tokenizer_dir(tmp)
