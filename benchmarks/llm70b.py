@@ -196,6 +196,7 @@ def worker(a) -> dict:
                    "decode_s": p.decode_s, "batch": p.workload.batch,
                    "cpu_compute": sorted(getattr(p, "cpu_compute", ())),
                    "table": p.table()}
+    res["load_times"] = getattr(llm.engine, "load_times", {})
     pool = getattr(llm.engine, "pool", None)
     res["pinned_bytes"] = pool.reserved if pool is not None else 0
     vocab = llm.engine.config.vocab_size

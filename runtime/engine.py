@@ -148,6 +148,8 @@ class Engine:
                  trust_remote_code: bool = False, bandwidths: planner.Bandwidths | None = None,
                  quant=None, skip_modules=("lm_head",), cpu_compute="auto"):
         self.ckpt, self.config, self.progress = ckpt, ckpt.config, progress
+        self.load_times: dict[str, float] = {}         # seconds per loading phase
+        t0 = time.perf_counter()
         stored = getattr(ckpt, "quant", None)           # an exa checkpoint is already quantized
         if stored is not None:
             if quant is not None and quant != stored:
@@ -163,12 +165,15 @@ class Engine:
             prefetch_depth=prefetch_depth, batch_size=batch_size, max_context=max_context,
             offload_dir=offload_dir, bandwidths=bandwidths, trust_remote_code=trust_remote_code,
             quant=quant, skip_modules=skip_modules, cpu_compute=cpu_compute)
+        self.load_times["plan"] = time.perf_counter() - t0              # incl. the hardware probe
         self.layers = self.model.get_submodule(arch.layers)
         resolve_sources(self.model, self.blocks, ckpt, qmods)
         self._offload_dir = offload_dir
         move_buffers(self.model, self.device)
         self.executor = self._materialise()
+        t = time.perf_counter()
         self._warm_kernels(qmods)
+        self.load_times["kernel_warmup"] = time.perf_counter() - t
         self._forward_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
             else "past_key_values"
 
@@ -179,13 +184,17 @@ class Engine:
         sources: dict[str, Source] = {}
         gpu = GpuTier(self.device) if self.device.type == "cuda" else None
         host_names = [b.name for b in self.blocks if p.tier_of(b.name) == "cpu" and not p.is_resident(b.name)]
-        pool = None
+        pool, t = None, time.perf_counter()
         if host_names:
             pool = PinnedPool()
             pool.reserve([self._block(n).nbytes for n in host_names], "pinning host memory",
                          progress=self.progress and None)
+        self.load_times["pin_host_memory"] = time.perf_counter() - t
+        t = time.perf_counter()
         disk_names = [b.name for b in self.blocks if p.tier_of(b.name) == "disk"]
         store = self._disk_store(disk_names) if disk_names else None
+        self.load_times["disk_blocks"] = time.perf_counter() - t
+        t = time.perf_counter()
         hosts = {n: pool.alloc(self._block(n).nbytes) for n in host_names}
         on_cpu = p.cpu_compute | p.cpu_compute_prefill
         host_blocks: dict[str, HostBlock] = {}
@@ -209,6 +218,7 @@ class Engine:
                 resident[b.name] = buf
             bar.update()
         bar.close()
+        self.load_times["read_blocks"] = time.perf_counter() - t     # incl. CPU-kernel conversions
         for n in disk_names:
             sources[n] = Source("disk", self._block(n).nbytes, store=store, key=n)
         self.ckpt.close()

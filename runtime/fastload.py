@@ -24,7 +24,7 @@ from runtime.checkpoint import CheckpointError
 from runtime.loader import BlockDef, pack_block
 
 CHUNK = 64 << 20
-DEFAULT_READERS = 8
+DEFAULT_READERS = max(2, min(16, os.cpu_count() or 1))      # reading and hashing scale with cores
 
 
 def direct_source(ckpt, block: BlockDef) -> tuple[Path, int, str] | None:

@@ -66,6 +66,9 @@ def test_exa_checkpoint_disk_blocks_are_read_in_place(saved, tmp_path):
             assert torch.equal(b.logits(IDS), want)
             assert torch.equal(b.generate_ids(IDS[:1], 5), want_tokens)
     assert not off.exists()                               # no copy of the blocks was written
+    times = b.engine.load_times
+    assert set(times) >= {"plan", "pin_host_memory", "disk_blocks", "read_blocks", "kernel_warmup"}
+    assert all(v >= 0 for v in times.values()) and times["disk_blocks"] > 0
 
 
 def test_corrupted_disk_block_is_caught_at_load(saved):
