@@ -3,6 +3,9 @@
 #   bash benchmarks/device_70b.sh OUTDIR [stage...]
 # stages: tests (CUDA tests), synth, cluster (2 GPUs), bounds, b24, budgets (16/12 GiB), batch, disk, kernels_tests
 # The checkpoint (~38 GiB) is written once to .bench/ and reused while the machine lives.
+# Rough wall times on an H100/H200 x2 host (2026-11-26): synth 60 s, cluster ~250 s (cold tuning
+# cache), bounds 25 s, b24 (auto + stream-only, 128 tokens each) ~200 s, budgets ~250 s,
+# batch ~90 s, disk ~120 s, tests ~60 s. DEADLINE=seconds skips the stages that would start later.
 set -u
 OUT=${1:?usage: device_70b.sh OUTDIR [stage...]}; shift
 STAGES=${*:-synth cluster bounds b24}
@@ -33,7 +36,7 @@ for s in $STAGES; do
     cluster) timeout ${CLUSTER_TIMEOUT:-480} python3 benchmarks/cluster.py --gpus 2 --budget 24GiB --model $M \
                --prompt 256 --new-tokens 12 --batch 32 --isolate --out "$OUT/cluster.json" > "$OUT/cluster.txt" 2>&1 ;;
     bounds)  $B --steps bounds >> "$OUT/llm70b.txt" 2>&1 ;;
-    b24)     $B --steps budgets --budgets 24GiB >> "$OUT/llm70b.txt" 2>&1 ;;
+    b24)     $B --steps budgets --budgets 24GiB,24GiB/never >> "$OUT/llm70b.txt" 2>&1 ;;
     budgets) $B --steps budgets --budgets 16GiB,12GiB --new-tokens 64 >> "$OUT/llm70b.txt" 2>&1 ;;
     batch)   $B --steps batch >> "$OUT/llm70b.txt" 2>&1 ;;
     disk)    $B --steps disk >> "$OUT/llm70b.txt" 2>&1 ;;
