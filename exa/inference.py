@@ -255,10 +255,10 @@ class Inference:
         steps = _steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                        Sampling(temperature, top_k, top_p, seed), eos_ids, self.tokenizer.pad_token_id)
         t0 = time.perf_counter()
-        self.last_stats = {"prompt_tokens": int(enc["attention_mask"].sum()), "new_tokens": 0,
-                           "first_token_s": None, "total_s": 0.0}
+        st = {"prompt_tokens": int(enc["attention_mask"].sum()), "new_tokens": 0,
+              "first_token_s": None, "total_s": 0.0}
+        self.last_stats = st          # this call's own dict: concurrent calls do not mix their stats
         for nxt in steps:
-            st = self.last_stats
             st["total_s"] = time.perf_counter() - t0
             st["first_token_s"] = st["total_s"] if st["first_token_s"] is None else st["first_token_s"]
             for i, t in enumerate(nxt.tolist()):

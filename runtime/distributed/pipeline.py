@@ -11,39 +11,44 @@ Ray (or local threads) stage k works on micro-batch m while stage k+1 works on m
 micro-batch has its own KV cache on every stage. Only token ids, masks and hidden states go
 from stage to stage (Ray object references: the driver never holds the hidden states).
 
+Concurrent requests (several threads calling ``forward`` / ``generate_steps``) share the
+stages the same way: every request has its own caches (``PipelineCache``: ids never reused),
+and a step submits its whole chain of stage calls at once under a short lock, so every worker
+sees the steps of all requests in one order and runs them in it (transports serialise calls
+per worker, in submission order). No lock is held while a stage computes: stage k works on
+request A's step while stage k-1 works on request B's. Requests wait for room in the KV cache
+the planner reserved (``batch_size x max_context`` tokens, see ``requests.KVAdmission``).
+
 With ``retry=True`` a ``StageFailed`` makes the driver drop the dead workers, re-plan over the
 ones left, reload the stages and run the request again from the prompt (sampling without a
 seed gets one, so the replay reproduces the tokens already handed out, which are skipped).
+With concurrent requests each one retries on its own: the first to see the failure re-plans
+(under the lock; the others wait for it), a request whose caches the reload dropped (an older
+*epoch*) restarts from its prompt.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import random
+import threading
 from typing import Iterator, Sequence
 
 import torch
 
 from runtime import planner
 from runtime.distributed.cluster_plan import ClusterPlan, NodeSpec, plan_cluster
+from runtime.distributed.requests import KVAdmission, PipelineCache, RequestView
 from runtime.distributed.stage import StageSpec
 from runtime.distributed.transport import LocalTransport, StageFailed
 from runtime.engine import act_bytes_per_token, default_dtype, kv_bytes_per_token
-from runtime.generate import Sampling, generate_steps
+from runtime.generate import Sampling, _is_count, generate_steps
 from runtime.units import parse_size
 
 log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 4 * 3600.0        # loading a large stage from a slow disk; dead workers fail at once
 __all__ = ["Pipeline", "PipelineCache", "make_workers"]
-
-
-class PipelineCache:
-    """A handle naming one KV cache on every stage (one per micro-batch)."""
-
-    __slots__ = ("id",)
-
-    def __init__(self, id: int):
-        self.id = id
 
 
 def make_workers(cluster) -> tuple[list, bool]:
@@ -98,7 +103,10 @@ class Pipeline:
         self._budgets = {k: parse_size(v, k) if v is not None else None for k, v in
                          (("max_gpu_memory", max_gpu_memory), ("max_cpu_memory", max_cpu_memory),
                           ("max_disk", max_disk))}
-        self._bandwidths, self._offload, self._cache_id = bandwidths, offload, 0
+        self._bandwidths, self._offload = bandwidths, offload
+        self._lock = threading.RLock()    # held to submit one step's calls, and to re-plan
+        self._ids, self._epoch = itertools.count(1), 0      # cache ids; reloads of the stages
+        self._kv = KVAdmission(None)
         self.stages: list[tuple[object, object]] = []      # (transport, StagePlan)
         try:
             self._hw = self._gather([(w, "hardware", offload_dir) for w in self.workers])
@@ -170,6 +178,7 @@ class Pipeline:
         self.stage_info = self._gather(jobs, timeout=LOAD_TIMEOUT_S)
         for n in plan.unused:
             by_name[n.name].call("unload")
+        self._kv.set_capacity(plan.workload.batch * plan.workload.context)
 
     def _gather(self, jobs: list, timeout: float | None = None) -> list:
         """Submit ``(worker, method, *args)`` jobs at once, then collect them in order."""
@@ -178,10 +187,24 @@ class Pipeline:
 
     # -- the Engine interface -------------------------------------------------------------------
     def new_cache(self) -> PipelineCache:
-        """A fresh KV cache on every stage; the stages drop the caches of earlier requests."""
-        self._gather([(w, "reset") for w, _ in self.stages])
-        self._cache_id += 1
-        return PipelineCache(self._cache_id)
+        """A fresh KV cache on every stage (made there on first use); ``release()`` or garbage
+        collection drops it. The caches of other requests are left alone."""
+        with self._lock:
+            return PipelineCache(next(self._ids), self._epoch, self._drop_cache)
+
+    def _drop_cache(self, id: int, epoch: int, parts: list) -> None:
+        """Drop the caches ``(id, m)`` on every stage, not waited for (after a reload there is
+        nothing to drop). Takes no lock: it may run from the garbage collector in any thread,
+        and the cache's last forward is in every worker's queue before this call."""
+        stages = self.stages
+        if epoch != self._epoch:
+            return
+        for w, _ in stages:
+            for m in range(parts[0]):
+                try:
+                    w.submit("drop_cache", (id, m))
+                except Exception as e:       # closed, or Ray shutting down
+                    log.debug("dropping cache %s on %s: %s", id, w.name, e)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -198,25 +221,38 @@ class Pipeline:
 
     def _forward(self, ids, mask, pos, cache, keep) -> torch.Tensor:
         rows = ids.shape[0]
-        n = max(1, min(rows, self.micro_batches or len(self.stages)))
-        bounds = [(rows * m // n, rows * (m + 1) // n) for m in range(n)]
-        outs = []
-        for m, (a, b) in enumerate(bounds):
-            x = ids[a:b]
-            for k, (w, _) in enumerate(self.stages):
-                last = k == len(self.stages) - 1
-                x = w.submit("forward", x, None if mask is None else mask[a:b], None if pos is None else pos[a:b],
-                             None if cache is None else (cache.id, m), keep if last else 0)
-            outs.append(x)
-        tail = self.stages[-1][0]
+        with self._lock:     # one step's calls enter every worker's queue together; nothing waits here
+            epoch, stages, workers = self._epoch, list(self.stages), list(self.workers)
+            if not stages:
+                raise RuntimeError("this pipeline is closed")
+            if cache is not None and cache.epoch != epoch:
+                e = StageFailed("every stage", "", "-", "the stages were reloaded after a failure; "
+                                "this request's KV caches are gone (run it again from its prompt)")
+                e.epoch = cache.epoch
+                raise e
+            n = max(1, min(rows, self.micro_batches or len(stages)))
+            bounds = [(rows * m // n, rows * (m + 1) // n) for m in range(n)]
+            if cache is not None:
+                cache.use(n)
+            outs = []
+            for m, (a, b) in enumerate(bounds):
+                x = ids[a:b]
+                for k, (w, _) in enumerate(stages):
+                    last = k == len(stages) - 1
+                    x = w.submit("forward", x, None if mask is None else mask[a:b],
+                                 None if pos is None else pos[a:b], None if cache is None else (cache.id, m),
+                                 keep if last else 0)
+                outs.append(x)
         try:
-            return torch.cat(tail.fetch(outs), dim=0)
+            return torch.cat(stages[-1][0].fetch(outs), dim=0)
         except StageFailed as e:
-            raise self._diagnose(e) from e
+            failure = self._diagnose(e, workers)
+            failure.epoch = epoch
+            raise failure from e
 
-    def _diagnose(self, e: StageFailed) -> StageFailed:
+    def _diagnose(self, e: StageFailed, workers: list) -> StageFailed:
         """The failure of the first worker that does not answer a ping (else ``e``)."""
-        for i, w in enumerate(self.workers):
+        for i, w in enumerate(workers):
             if not w.alive(timeout=10.0):
                 return w.failed("the worker is gone (its process or node died)", i)
         return e
@@ -225,48 +261,74 @@ class Pipeline:
         """Drop dead workers, re-plan over the others and reload the stages.
 
         Raises ``failure`` again when every worker still answers (nothing to leave out), and
-        ``StageFailed`` when no worker is left."""
+        ``StageFailed`` when no worker is left. With concurrent requests the first one to get
+        here re-plans; a failure seen before that (an older epoch) returns at once, to retry."""
+        with self._lock:
+            if getattr(failure, "epoch", self._epoch) != self._epoch:
+                return                   # another request already re-planned after this failure
+            self._recover(failure)
+
+    def _recover(self, failure: StageFailed) -> None:
         dead = {i for i, w in enumerate(self.workers) if not w.alive(timeout=10.0)}
         dead |= {failure.worker_index} if failure.worker_index is not None else set()
         if not dead:
             raise failure
         survivors = [w for i, w in enumerate(self.workers) if i not in dead]
         log.warning("exa: %s; re-planning over %d remaining worker(s)", failure, len(survivors))
+        self._epoch += 1                 # every stage is reloaded: the caches of every request go
         for i in sorted(dead):
-            self.workers[i].close()
+            try:
+                self.workers[i].close()
+            except Exception as e:       # a dead worker: nothing left to release
+                log.debug("closing %s: %s", self.workers[i].name, e)
         self.workers, self._hw = survivors, [h for i, h in enumerate(self._hw) if i not in dead]
         if not survivors:
+            self.stages = []
             raise StageFailed("every stage", "", "-", "no worker is left to re-plan on") from failure
         self._build()
 
     def generate_steps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                        sampling: Sampling, eos_ids: set[int], pad_id: int) -> Iterator[torch.Tensor]:
         """``runtime.generate.generate_steps`` over the pipeline, re-run from the prompt after
-        a failed stage when ``retry`` is on (steps already yielded are not yielded again)."""
+        a failed stage when ``retry`` is on (steps already yielded are not yielded again).
+
+        Safe to run from several threads at once: each request has its own KV caches
+        (released when it ends) and first waits for room in the stages' KV budget."""
         if self.retry and sampling.temperature > 0 and sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=random.randrange(2**31))
-        done = 0
-        while True:
-            try:
-                for i, nxt in enumerate(generate_steps(self, input_ids, attention_mask, max_new_tokens,
-                                                       sampling, eos_ids, pad_id)):
-                    if i >= done:
-                        done += 1
-                        yield nxt
-                return
-            except StageFailed as e:
-                if not self.retry:
-                    raise
-                self.recover(e)
+        valid = input_ids.dim() == 2 and _is_count(max_new_tokens)   # else generate_steps says why
+        ticket = self._kv.acquire(input_ids.shape[0] * (input_ids.shape[1] + int(max_new_tokens))) \
+            if valid else None
+        try:
+            done = 0
+            while True:
+                run = RequestView(self)
+                try:
+                    for i, nxt in enumerate(generate_steps(run, input_ids, attention_mask, max_new_tokens,
+                                                           sampling, eos_ids, pad_id)):
+                        if i >= done:
+                            done += 1
+                            yield nxt
+                    return
+                except StageFailed as e:
+                    if not self.retry:
+                        raise
+                    self.recover(e)
+                finally:
+                    run.release()        # nothing to drop when the stages were reloaded
+        finally:
+            self._kv.release(ticket)
 
     def close(self) -> None:
         """Unload every stage and stop the workers (and Ray, when this pipeline started it)."""
-        for w in getattr(self, "workers", []):
+        with self._lock:
+            workers, self.workers, self.stages = getattr(self, "workers", []), [], []
+            self._epoch += 1
+        for w in workers:
             try:
                 w.close()
             except Exception as e:          # a dead worker: nothing left to release
                 log.debug("closing %s: %s", w.name, e)
-        self.workers, self.stages = [], []
         if self._owns_ray:
             import ray
             ray.shutdown()

@@ -97,6 +97,7 @@ class Stage(Engine):
     def __init__(self, spec: StageSpec):
         ckpt = open_checkpoint(spec.model, trust_remote_code=spec.trust_remote_code)
         self.spec, self.ckpt, self.config, self.progress = spec, ckpt, ckpt.config, spec.progress
+        self.load_times: dict[str, float] = {}         # Engine._materialise records its phases here
         quant, skip = spec.quant, spec.skip_modules
         stored = getattr(ckpt, "quant", None)               # an exa checkpoint is already quantized
         if stored is not None:
