@@ -83,6 +83,64 @@ def test_act_order_permutation_and_shapes_without_a_kernel():
     assert cpu_linear.int4_supported()
 
 
+# -- int4 conversion: torch's packing built directly from exa's packed bytes ------------------
+def _layout_reference(q, K, bn, halves):
+    """The packing as torch's weight_to_int4pack_kernel documents it, code by code."""
+    codes = torch.stack([q & 15, q >> 4], dim=-1).reshape(q.shape[0], K)          # [N, K]
+    parts = []
+    for b0 in range(0, q.shape[0], bn):
+        blk = codes[b0:b0 + bn]
+        nb = blk.shape[0]
+        a, b = (blk[: nb // 2], blk[nb // 2:]) if halves and nb == bn else (blk[0::2], blk[1::2])
+        parts.append((a | (b << 4)).t().reshape(-1))                                # [K, nb/2]
+    return torch.cat(parts).view(q.shape[0], K // 2)
+
+
+@pytest.mark.parametrize("N", [16, 48, 64, 80, 208, 1072])
+@pytest.mark.parametrize("K", [32, 96, 512])
+def test_direct_int4_packing_is_torchs_op_byte_for_byte(N, K, monkeypatch):
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(N + K))
+    want = cpu_linear._torch_pack(q, K)
+    assert cpu_linear._int4_layout() is not None                          # x86 / ARM torch builds
+    assert torch.equal(cpu_linear._int4_weight(q, K), want)
+    monkeypatch.setattr(cpu_linear, "_CONVERT_BYTES", 1)                   # one block at a time
+    assert torch.equal(cpu_linear._int4_weight(q, K), want)
+    odd = torch.empty(q.numel() + 1, dtype=torch.uint8)[1:].view_as(q).copy_(q)   # not word-aligned
+    assert torch.equal(cpu_linear._int4_weight(odd, K), want)
+    for lay in [(64, True), (32, True), (16, True), (16, False), (32, False)]:   # other CPUs' layouts
+        assert torch.equal(cpu_linear._direct_pack(q, K, *lay), _layout_reference(q, K, *lay)), lay
+
+
+def _scales_reference(spec, t, K, gs, dtype):
+    s = t["scales"].float()
+    zero = (torch.zeros_like(s) if spec.sym else (8.0 - t["zeros"].float()) * s if spec.zero_mode == "int"
+            else 8.0 * s + t["mins"].float())
+    idx = torch.arange(K // gs) * gs // (K if spec.group_size == -1 else spec.group_size)
+    return torch.stack([s[:, idx], zero[:, idx]], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+MODES = [dict(zero_mode="int"), dict(zero_mode="min"), dict(sym=True)]
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256, -1, 96])
+@pytest.mark.parametrize("mode", MODES, ids=["int", "min", "sym"])
+def test_prepare_int4_is_byte_exact_against_torchs_op(group, mode, monkeypatch):
+    spec, N, K = QuantSpec("int", 4, group, **mode), 208, 768 if group != 96 else 352   # 352: short last group
+    t, w, _ = _weights(spec, N, K)
+    for dtype in (torch.float32, torch.bfloat16):
+        prep = cpu_linear.prepare(spec, t, N, K, dtype)
+        gs = prep.group
+        assert torch.equal(prep.weight, cpu_linear._torch_pack(t["qweight"], K))
+        ref = _scales_reference(spec, t, K, gs, prep.dtype)
+        assert prep.scales.shape == ref.shape and torch.equal(prep.scales, ref)
+        assert prep.scales.is_contiguous() and prep.scales.untyped_storage().nbytes() == ref.numel() * ref.element_size()
+        monkeypatch.setattr(cpu_linear, "_int4_layout", lambda: None)     # torch's op: the fallback
+        assert torch.equal(cpu_linear.prepare(spec, t, N, K, dtype).weight, prep.weight)
+        monkeypatch.undo()
+    got = cpu_linear.linear(torch.eye(K), spec, t, N, K, cpu_linear.prepare(spec, t, N, K, torch.float32))
+    torch.testing.assert_close(got.t(), w, rtol=2e-6, atol=2e-6)
+
+
 # -- the ring's order per phase --------------------------------------------------------------
 def _ring(nslots=3, names="abcd"):
     sources = {n: Source("cpu", 4096, host=torch.full((4096,), i + 1, dtype=torch.uint8))
