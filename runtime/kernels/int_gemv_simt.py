@@ -15,7 +15,6 @@ sums that the launcher adds in a fixed order): small N needs the split to fill e
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
