@@ -13,6 +13,7 @@ from runtime.distributed.transport import StageFailed
 from runtime.generate import Sampling
 from runtime.planner import Bandwidths, BlockSpec, Budgets, PlanError, Workload
 from runtime.units import GiB, MiB
+from threads import in_threads
 
 try:
     import ray
@@ -212,33 +213,15 @@ def test_ray_stages_on_three_nodes_equal_single_process(ray_llm, reference):
     assert torch.equal(ray_llm.generate_ids(ids, max_new_tokens=8), want_tokens)
 
 
-def _threads(fn, n, timeout=60.0):
-    """fn(i) in n threads at once; their results or exceptions."""
-    out = [None] * n
-
-    def run(i):
-        try:
-            out[i] = fn(i)
-        except Exception as e:
-            out[i] = e
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a request hangs"
-    return out
-
-
 @pytest.mark.ray
 @no_ray
 def test_ray_concurrent_requests_equal_each_run_alone(ray_llm, reference):
     ids = reference[1]                    # 3 rows: three different one-row requests, then the batch
     jobs = [ids[i:i + 1, : 6 + 3 * i] for i in range(3)] + [ids]
     alone = [ray_llm.generate_ids(x, max_new_tokens=6) for x in jobs]
-    got = _threads(lambda i: ray_llm.generate_ids(jobs[i], max_new_tokens=6), len(jobs))
+    got = in_threads(lambda i: ray_llm.generate_ids(jobs[i], max_new_tokens=6), [(i,) for i in range(len(jobs))])
     assert all(isinstance(g, torch.Tensor) and torch.equal(g, w) for g, w in zip(got, alone)), got
-    logits = _threads(lambda i: ray_llm.logits(jobs[i]), len(jobs))
+    logits = in_threads(lambda i: ray_llm.logits(jobs[i]), [(i,) for i in range(len(jobs))])
     for g, x in zip(logits, jobs):
         torch.testing.assert_close(g, ray_llm.logits(x))
 
@@ -258,7 +241,7 @@ def test_ray_dead_stage_is_a_clear_error_then_retry_finishes(ray_llm, reference)
     killer = threading.Thread(target=lambda: (all(e.wait(30) for e in running), ray.kill(worker.actor)))
     killer.start()
     t0 = time.perf_counter()
-    got = _threads(request, 3)
+    got = in_threads(request, [(i,) for i in range(3)])
     killer.join(30)
     assert all(isinstance(g, StageFailed) for g in got), got             # every in-flight request
     assert time.perf_counter() - t0 < 30

@@ -17,6 +17,7 @@ from runtime.distributed import pipeline as pipeline_mod
 from runtime.distributed.requests import KVAdmission
 from runtime.distributed.transport import LocalTransport, StageFailed
 from runtime.generate import Sampling
+from threads import in_threads
 
 
 class SlowStage(LocalTransport):
@@ -55,25 +56,6 @@ def _prompts(n, rows=1, seed=0):
     return [torch.randint(0, 256, (rows, 5 + 3 * i), generator=g) for i in range(n)]
 
 
-def _in_threads(fn, args_list, timeout=60.0):
-    """Run ``fn(*args)`` for each args in threads started together; results (or exceptions)."""
-    out, start = [None] * len(args_list), threading.Barrier(len(args_list))
-
-    def run(i):
-        start.wait()
-        try:
-            out[i] = fn(*args_list[i])
-        except BaseException as e:        # reported to the test
-            out[i] = e
-    threads = [threading.Thread(target=run, args=(i,), name=f"request-{i}") for i in range(len(args_list))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-    assert not any(t.is_alive() for t in threads), "a request hangs"
-    return out
-
-
 def _llm(path, stages, monkeypatch, **kw):
     monkeypatch.setattr(pipeline_mod, "make_workers", lambda cluster: (list(stages), False))
     return exa.Inference(str(path), cluster=["cpu"] * len(stages), progress=False, **kw)
@@ -107,10 +89,10 @@ def test_concurrent_requests_equal_each_run_alone(llm, n):
     alone = [gen(*j) for j in jobs]
     alone_logits = [llm.logits(p) for p in prompts]
     for _ in range(3):                    # several rounds: the interleaving differs every time
-        for got, want in zip(_in_threads(gen, jobs), alone):
+        for got, want in zip(in_threads(gen, jobs), alone):
             assert isinstance(got, torch.Tensor), got
             assert torch.equal(got, want)
-        for got, want in zip(_in_threads(llm.logits, [(p,) for p in prompts]), alone_logits):
+        for got, want in zip(in_threads(llm.logits, [(p,) for p in prompts]), alone_logits):
             assert isinstance(got, torch.Tensor), got
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert _caches_left(llm) == 0                                         # every request dropped its caches
@@ -121,8 +103,8 @@ def test_concurrent_text_generation(llm):
     alone = [llm.generate(p, max_new_tokens=6) for p in prompts]
     streamed = ["".join(llm.stream(p, max_new_tokens=6)) for p in prompts]
     assert streamed == alone
-    assert _in_threads(lambda p: llm.generate(p, max_new_tokens=6), [(p,) for p in prompts]) == alone
-    assert _in_threads(lambda p: "".join(llm.stream(p, max_new_tokens=6)), [(p,) for p in prompts]) == alone
+    assert in_threads(lambda p: llm.generate(p, max_new_tokens=6), [(p,) for p in prompts]) == alone
+    assert in_threads(lambda p: "".join(llm.stream(p, max_new_tokens=6)), [(p,) for p in prompts]) == alone
 
 
 def test_interleaved_generators_in_one_thread_keep_their_own_caches(llm):
@@ -146,7 +128,7 @@ def test_requests_wait_for_room_in_the_kv_budget(path, monkeypatch):
         monkeypatch.setattr(kv, "acquire", lambda t: (acquire(t), peak.append(kv.used))[0])
         prompts = _prompts(3, seed=5)                                     # 5, 8, 11 tokens + 20 new each
         alone = [llm.generate_ids(p, max_new_tokens=20) for p in prompts]
-        got = _in_threads(lambda p: llm.generate_ids(p, max_new_tokens=20), [(p,) for p in prompts])
+        got = in_threads(lambda p: llm.generate_ids(p, max_new_tokens=20), [(p,) for p in prompts])
         assert all(torch.equal(g, w) for g, w in zip(got, alone))
         assert max(peak) <= 48 and kv.used == 0
         args = lambda x: (x, torch.ones_like(x), 20, Sampling(), set(), 0)
@@ -186,7 +168,7 @@ def test_concurrent_requests_overlap_on_the_stages(path, monkeypatch):
         assert one >= steps * len(stages) * delay                         # a request crosses every stage
         log.clear()
         t0 = time.perf_counter()
-        got = _in_threads(gen, [(p,) for p in prompts])
+        got = in_threads(gen, [(p,) for p in prompts])
         wall = time.perf_counter() - t0
         assert all(torch.equal(g, w) for g, w in zip(got, alone))
         # ideal: ~ (steps + 2/3) * 3 * delay for all three = ~0.37 of n requests one after the other
@@ -218,7 +200,7 @@ def test_killed_stage_during_concurrent_requests(path, monkeypatch, retry):
                                                   stages[1].kill()))
         killer.start()
         t0 = time.perf_counter()
-        got = _in_threads(lambda p: llm.generate_ids(p, max_new_tokens=150 if not retry else 30),
+        got = in_threads(lambda p: llm.generate_ids(p, max_new_tokens=150 if not retry else 30),
                           [(p,) for p in prompts], timeout=60)
         elapsed = time.perf_counter() - t0
         killer.join(10)
