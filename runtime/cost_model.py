@@ -13,6 +13,10 @@ CPU where its weights already live (the set ``on_cpu``; llama.cpp's split at bat
                         + HOST_SYNC_S)``  (activations to the host and back, one sync per linear);
 * step     ``total    = max(transfer, compute) + cpu + LAUNCH_OVERHEAD_S x blocks``.
 
+An embed block looked up on the host in every phase (``Placement.host_compute``) is in
+``on_cpu`` too, charged ``HOST_EMBED_S`` (one round trip), not ``nbytes / cpu_mem``: a lookup
+reads only the input tokens' rows.
+
 Streaming overlaps device compute (the ring), but not the CPU blocks: measured on an H200
 host (PCIe 55 GB/s, 32 cores, CPU int4 GEMV 119 GB/s), 8 Llama-7B-shaped int4 layers with 3
 computed on the CPU and 5 streamed took 16.1 ms per token, what ``max(transfer, compute) +
@@ -39,11 +43,13 @@ from typing import Sequence
 from runtime.units import fmt_bytes
 
 __all__ = ["Bandwidths", "PhaseCost", "phase_cost", "best_cpu", "choose_cpu", "cpu_sets", "spread", "bound",
-           "LAUNCH_OVERHEAD_S", "HOST_SYNC_S", "HYBRID_MIN_GAIN"]
+           "LAUNCH_OVERHEAD_S", "HOST_SYNC_S", "HOST_EMBED_S", "HYBRID_MIN_GAIN"]
 
 LAUNCH_OVERHEAD_S = 20e-6      # per block per step: kernel launches, hooks, events
 HOST_SYNC_S = 1.25e-3          # per CPU-computed block per step: ~7 syncs (D2H, H2D), each draining
                                # the GPU queue of eager launches (measured: 7B-shaped layer, H200 host)
+HOST_EMBED_S = HOST_SYNC_S / 7  # per step for an embedding looked up on the host: one round trip
+                                # (ids to the host, rows back), not nbytes / cpu_mem (rows only)
 HYBRID_MIN_GAIN = 0.03         # hybrid must beat streaming only by 3% to be chosen
 CPU_COMPUTE_MODES = ("auto", "never", "always")
 
@@ -96,6 +102,8 @@ def _div(amount: float, rate: float, what: str) -> float:
 
 
 def _cpu_block_s(b, tokens: int, bw: Bandwidths) -> float:
+    if b.kind == "embed":          # a lookup reads only the rows of the input tokens
+        return HOST_EMBED_S
     if not bw.has_cpu:
         return math.inf
     return max(b.nbytes / bw.cpu_mem, tokens * b.flops_per_token / bw.cpu_flops) + HOST_SYNC_S
@@ -152,12 +160,14 @@ def spread(items: Sequence, k: int) -> list:
 
 
 def best_cpu(blocks: Sequence, tiers: Sequence[str], device: str, bw: Bandwidths, tokens: int,
-             candidates: Sequence, host_room: int, device_room: int) -> tuple[frozenset, float]:
+             candidates: Sequence, host_room: int, device_room: int,
+             fixed: frozenset = frozenset()) -> tuple[frozenset, float]:
     """The fastest non-empty set of ``candidates`` (BlockSpecs, in execution order) to compute
     on the CPU, and its step time; ``(frozenset(), inf)`` when no set applies.
 
     Tries k = 1 .. len(candidates) evenly spread blocks whose extra pinned bytes
     (``cpu_extra``) fit ``host_room`` and whose device copies (``cpu_small``) fit ``device_room``.
+    ``fixed``: blocks computed on the host in every case (the host embedding), counted in each time.
     """
     best, best_s = frozenset(), math.inf
     if device != "cuda" or not bw.has_cpu:
@@ -167,17 +177,17 @@ def best_cpu(blocks: Sequence, tiers: Sequence[str], device: str, bw: Bandwidths
         if sum(b.cpu_extra for b in chosen) > host_room or sum(b.cpu_small for b in chosen) > device_room:
             continue
         names = frozenset(b.name for b in chosen)
-        t = phase_cost(blocks, tiers, device, bw, tokens, names).total_s
+        t = phase_cost(blocks, tiers, device, bw, tokens, names | fixed).total_s
         if t < best_s:
             best, best_s = names, t
     return best, best_s
 
 
 def choose_cpu(blocks: Sequence, tiers: Sequence[str], device: str, bw: Bandwidths, tokens: int,
-               candidates: Sequence, host_room: int, device_room: int) -> frozenset:
+               candidates: Sequence, host_room: int, device_room: int, fixed: frozenset = frozenset()) -> frozenset:
     """``best_cpu``'s set if it beats streaming only by HYBRID_MIN_GAIN, else the empty set."""
-    best, best_s = best_cpu(blocks, tiers, device, bw, tokens, candidates, host_room, device_room)
-    base = phase_cost(blocks, tiers, device, bw, tokens).total_s
+    best, best_s = best_cpu(blocks, tiers, device, bw, tokens, candidates, host_room, device_room, fixed)
+    base = phase_cost(blocks, tiers, device, bw, tokens, fixed).total_s
     return best if best_s <= base * (1 - HYBRID_MIN_GAIN) else frozenset()
 
 
@@ -191,10 +201,10 @@ def cpu_sets(p, how) -> tuple[frozenset, frozenset]:
     if how == "auto":
         wl = p.workload
         decode = choose_cpu(p.blocks, p.tiers, p.device, p.bandwidths, wl.batch, eligible,
-                            host_room, device_room)
+                            host_room, device_room, p.host_compute)
         mine = [b for b in eligible if b.name in decode]     # prefill: a subset, so budgets hold
         return decode, choose_cpu(p.blocks, p.tiers, p.device, p.bandwidths, wl.batch * wl.prompt,
-                                  mine, host_room, device_room)
+                                  mine, host_room, device_room, p.host_compute)
     if isinstance(how, str) and how != "always":
         raise ValueError(f"cpu_compute={how!r} must be one of {CPU_COMPUTE_MODES} or a list of block names")
     if how == "always":

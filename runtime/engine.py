@@ -21,7 +21,7 @@ from runtime import hardware, planner
 from runtime.checkpoint import Checkpoint
 from runtime.executor import Executor
 from runtime.fastload import direct_source, load_blocks
-from runtime.hybrid import HostBlock, block_costs
+from runtime.hybrid import HostBlock, HostEmbed, block_costs
 from runtime.loader import (
     BlockDef,
     assign_layouts,
@@ -198,6 +198,7 @@ class Engine:
         hosts = {n: pool.alloc(self._block(n).nbytes) for n in host_names}
         on_cpu = p.cpu_compute | p.cpu_compute_prefill
         host_blocks: dict[str, HostBlock] = {}
+        host_embeds: dict[str, HostEmbed] = {}       # looked up on the host, never streamed
 
         def dest(b):        # the block's final host buffer; None: staged on its way to the GPU
             if b.name in hosts:
@@ -207,7 +208,9 @@ class Engine:
         todo = [b for b in self.blocks if p.is_resident(b.name) or b.name in hosts]
         bar = tqdm(total=len(todo), desc="loading blocks", unit="block", disable=not self.progress)
         for b, buf in load_blocks(self.ckpt, todo, dest, pin_staging=gpu is not None):
-            if b.name in hosts:
+            if b.name in p.host_compute:
+                host_embeds[b.name] = HostEmbed(b, hosts[b.name][: b.nbytes], self.device)
+            elif b.name in hosts:
                 sources[b.name] = Source("cpu", b.nbytes, host=hosts[b.name])
                 if b.name in on_cpu:        # its linears also run on the host (runtime/hybrid.py)
                     host_blocks[b.name] = HostBlock(b, hosts[b.name][: b.nbytes], self.device, self.dtype)
@@ -226,7 +229,7 @@ class Engine:
         order = [b.name for b in self.blocks if b.name in sources]
         pre = Prefetcher(order, sources, p.slots, self.device) if order else None
         return Executor(self.model, self.layers, self.blocks, resident, pre, host_blocks,
-                        {"decode": p.cpu_compute, "prefill": p.cpu_compute_prefill})
+                        {"decode": p.cpu_compute, "prefill": p.cpu_compute_prefill}, host_embeds)
 
     def _warm_kernels(self, qmods: dict) -> None:
         """Autotune the quantized-matmul kernels once per distinct layer shape, so the first

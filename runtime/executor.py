@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from runtime.blocks import views
-from runtime.hybrid import PHASES, HostBlock, phase_of
+from runtime.hybrid import PHASES, HostBlock, HostEmbed, phase_of
 from runtime.loader import BlockDef
 from runtime.prefetch import Prefetcher
 
@@ -34,16 +34,19 @@ class Executor:
 
     ``host_blocks`` / ``cpu_sets``: the blocks computed on the CPU, and per phase ("decode",
     "prefill") the names computed there in that phase (every one of them has a HostBlock).
+    ``host_embeds``: blocks looked up on the host in every phase (never bound, never streamed).
     """
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList, blocks: list[BlockDef],
                  resident: dict[str, torch.Tensor], prefetcher: Prefetcher | None,
-                 host_blocks: dict[str, HostBlock] | None = None, cpu_sets: dict | None = None):
+                 host_blocks: dict[str, HostBlock] | None = None, cpu_sets: dict | None = None,
+                 host_embeds: dict[str, HostEmbed] | None = None):
         self.model, self.prefetcher = model, prefetcher
         self.blocks = {b.name: b for b in blocks}
         for name, buf in resident.items():
             bind(self.blocks[name], buf)
-        self.streamed = {b.name for b in blocks if b.name not in resident}
+        self.host_embeds = dict(host_embeds or {})
+        self.streamed = {b.name for b in blocks if b.name not in resident and b.name not in self.host_embeds}
         if self.streamed and prefetcher is None:
             raise ValueError("streamed blocks need a prefetcher")
         self.host = dict(host_blocks or {})
@@ -120,7 +123,7 @@ class Executor:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for host in self.host.values():
+        for host in [*self.host.values(), *self.host_embeds.values()]:
             host.close()
         if self.prefetcher is not None:
             self.prefetcher.close()

@@ -19,6 +19,7 @@ checks ``HostBlock.active`` first. ``block_costs`` gives the planner a block's e
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import torch
@@ -30,7 +31,7 @@ from runtime.kernels import cpu_linear
 from runtime.loader import BlockDef
 from runtime.quant.linear import QuantLinear, _conv1d_class
 
-__all__ = ["HostBlock", "block_costs", "is_linear", "phase_of", "PHASES"]
+__all__ = ["HostBlock", "HostEmbed", "block_costs", "is_linear", "phase_of", "PHASES"]
 
 PHASES = ("decode", "prefill")
 SMALL_FRACTION = 8       # a block qualifies when its non-linear tensors are <= 1/8 of its bytes
@@ -59,6 +60,9 @@ def block_costs(block: BlockDef, dtype: torch.dtype) -> tuple[int, int, bool]:
         if isinstance(module, QuantLinear) and id(module) not in seen:
             seen.add(id(module))
             extra += cpu_linear.converted_nbytes(module.spec, module.out_features, module.in_features, dtype)
+    if block.kind == "embed":      # looked up on the host when plain embeddings (HostEmbed)
+        mods = [m for _, m, _ in block.params]
+        return 0, 0, all(isinstance(m, nn.Embedding) for m in mods)
     ok = block.kind == "layer" and big > 0 and small * SMALL_FRACTION <= block.nbytes
     return extra, small, ok
 
@@ -141,3 +145,38 @@ class _HostLinear:
         else:
             y = F.linear(xh, self.weight, self.bias)
         return y.to(x.device)
+
+
+class HostEmbed:
+    """An embed block looked up on the host in every phase (``Placement.host_compute``).
+
+    Its embeddings' weights are bound once to views of the block's pinned host buffer; each
+    embedding's forward takes its inputs (token / position ids) to the host, indexes there
+    (only the rows of the input tokens are read) and copies the ``[B, S, hidden]`` result to
+    the compute device (a few KiB per decode step, so a plain synchronous copy). Never streamed.
+    """
+
+    def __init__(self, block: BlockDef, host: Tensor, device: torch.device):
+        self.name, self.device, self._mods = block.name, device, []
+        for (_, module, attr), view in zip(block.params, views(host, block.layout)):
+            module._parameters[attr] = nn.Parameter(view, requires_grad=False)
+            if module not in self._mods:
+                module.forward = functools.partial(self._forward, module)
+                self._mods.append(module)
+
+    def _forward(self, module: nn.Module, *args, **kwargs) -> Tensor:
+        cpu = [a.to("cpu") if isinstance(a, Tensor) else a for a in args]
+        kw = {k: v.to("cpu") if isinstance(v, Tensor) else v for k, v in kwargs.items()}
+        saved = dict(module._buffers)            # e.g. a scaled embedding's scale: host copies meanwhile
+        module._buffers.update({k: None if v is None else v.to("cpu") for k, v in saved.items()})
+        try:
+            return type(module).forward(module, *cpu, **kw).to(self.device)
+        finally:
+            module._buffers.update(saved)
+
+    def close(self) -> None:
+        """Remove the shadowing forwards."""
+        for m in self._mods:
+            if isinstance(m.__dict__.get("forward"), functools.partial):
+                del m.forward
+        self._mods = []

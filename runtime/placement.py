@@ -96,7 +96,8 @@ class Placement:
     Fields after them are derived. ``staging_bytes``: pinned host buffers for disk reads (cuda
     with disk blocks: slots x slot_bytes). Times: ``transfer_s`` / ``compute_s`` / ``cpu_s`` /
     ``decode_s`` per decode step of the whole batch, ``prefill_*`` per prefill of batch x prompt
-    tokens, for the chosen CPU sets; ``decode_stream_s`` / ``prefill_stream_s``: the same
+    tokens, for the chosen CPU sets; ``host_compute``: pinned-RAM blocks (the token embedding)
+    computed on the host in every phase, never streamed (no ring slot); ``decode_stream_s`` / ``prefill_stream_s``: the same
     phases streaming every offloaded block (the alternative, shown by ``exa plan``).
     """
 
@@ -112,6 +113,7 @@ class Placement:
     workload: Workload
     cpu_compute: frozenset = frozenset()          # decode: block names computed on the CPU
     cpu_compute_prefill: frozenset = frozenset()  # prefill: block names computed on the CPU
+    host_compute: frozenset = frozenset()         # every phase: looked up on the host (embed)
     slots: int = field(init=False)
     slot_bytes: int = field(init=False)
     staging_bytes: int = field(init=False)
@@ -132,11 +134,12 @@ class Placement:
         _check(len(self.tiers) == len(self.blocks), f"{len(self.tiers)} tiers for {len(self.blocks)} blocks")
         bad = [(b.name, t) for b, t in zip(self.blocks, self.tiers) if t not in _allowed_tiers(self.device)]
         _check(not bad, f"invalid tiers on {self.device}: {bad[:3]}")
-        streamed = [b.nbytes for b, t in zip(self.blocks, self.tiers) if t != self.compute_tier]
+        streamed = [b.nbytes for b, t in zip(self.blocks, self.tiers)
+                    if t != self.compute_tier and b.name not in self.host_compute]
         _check(not streamed or self.prefetch_depth >= 1, "prefetch_depth must be >= 1 when blocks are streamed")
         put = object.__setattr__
         put(self, "_index", {b.name: i for i, b in enumerate(self.blocks)})
-        for key in ("cpu_compute", "cpu_compute_prefill"):
+        for key in ("cpu_compute", "cpu_compute_prefill", "host_compute"):
             names = frozenset(getattr(self, key))
             put(self, key, names)
             bad = sorted(n for n in names if self._index.get(n) is None or self.tiers[self._index[n]] != "cpu"
@@ -158,7 +161,8 @@ class Placement:
 
     def phase_cost(self, tokens: int, on_cpu: frozenset = frozenset()) -> PhaseCost:
         """Predicted cost of a phase of ``tokens`` tokens with ``on_cpu`` computed on the CPU."""
-        return phase_cost(self.blocks, self.tiers, self.device, self.bandwidths, tokens, on_cpu)
+        return phase_cost(self.blocks, self.tiers, self.device, self.bandwidths, tokens,
+                          frozenset(on_cpu) | self.host_compute)
 
     @property
     def compute_tier(self) -> str:
@@ -181,8 +185,9 @@ class Placement:
         return self.tier_of(name) == self.compute_tier
 
     def streamed(self) -> list[str]:
-        """Names of the streamed blocks, in execution order."""
-        return [b.name for b, t in zip(self.blocks, self.tiers) if t != self.compute_tier]
+        """Names of the streamed blocks, in execution order (not those computed on the host)."""
+        return [b.name for b, t in zip(self.blocks, self.tiers)
+                if t != self.compute_tier and b.name not in self.host_compute]
 
     def bytes_by_tier(self) -> dict[str, int]:
         """Block bytes per home tier: {"gpu": ..., "cpu": ..., "disk": ...}."""
@@ -217,12 +222,12 @@ class Placement:
     def _alternatives(self) -> dict:
         wl = self.workload
         return {phase: best_cpu(self.blocks, self.tiers, self.device, self.bandwidths, tokens,
-                                self.cpu_candidates(), *self.cpu_rooms())
+                                self.cpu_candidates(), *self.cpu_rooms(), self.host_compute)
                 for phase, tokens in (("decode", wl.batch), ("prefill", wl.batch * wl.prompt))}
 
     def cpu_blocks(self) -> list[BlockSpec]:
         """Blocks computed on the CPU in some phase (decode or prefill), in execution order."""
-        names = self.cpu_compute | self.cpu_compute_prefill
+        names = self.cpu_compute | self.cpu_compute_prefill | self.host_compute
         return [b for b in self.blocks if b.name in names]
 
     @property
@@ -261,14 +266,15 @@ class Placement:
         bandwidth" or "compute"."""
         cost = PhaseCost(self.transfer_s, self.compute_s, self.cpu_s, self.decode_s)
         return bound(cost, self.blocks, self.tiers, self.device, self.bandwidths, self.workload.batch,
-                     self.cpu_compute)
+                     self.cpu_compute | self.host_compute)
 
     @property
     def prefill_bound(self) -> str:
         """What limits a prefill (same vocabulary as ``decode_bound``)."""
         cost = PhaseCost(self.prefill_transfer_s, self.prefill_compute_s, self.prefill_cpu_s, self.prefill_s)
         return bound(cost, self.blocks, self.tiers, self.device, self.bandwidths,
-                     self.workload.batch * self.workload.prompt, self.cpu_compute_prefill)
+                     self.workload.batch * self.workload.prompt,
+                     self.cpu_compute_prefill | self.host_compute)
 
     def table(self) -> str:
         """A readable placement table: blocks per tier, memory use, predicted speed."""

@@ -10,6 +10,8 @@ from runtime.units import fmt_bytes
 def _home(p, b, t) -> str:
     if t == p.compute_tier:
         return "resident"
+    if b.name in p.host_compute:
+        return "CPU lookup"
     on = [ph for ph, s in (("decode", p.cpu_compute), ("prefill", p.cpu_compute_prefill)) if b.name in s]
     return "streamed" if not on else "CPU " + "+".join(on)
 

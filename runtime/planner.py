@@ -47,7 +47,9 @@ def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
         device: "cuda" (or "cuda:N") or "cpu".
         mode: "auto" (embed/head resident, then as many layers as fit, spread evenly among
             the streamed ones so that their compute hides behind the copies; the rest
-            streamed from pinned RAM up to its budget, then disk), "none" (everything
+            streamed from pinned RAM up to its budget, then disk; on cuda, when not every
+            block fits, an embed block with ``cpu_ok`` stays in pinned RAM instead, looked up
+            on the host in every phase: ``Placement.host_compute``), "none" (everything
             resident), "cpu" / "disk" (every layer streamed from that tier), or a dict of
             block name or fnmatch pattern ("layers.*") -> tier. An exact name wins over a
             pattern, a later pattern over an earlier one; unnamed blocks are placed as "auto".
@@ -85,19 +87,45 @@ def plan(blocks: Sequence[BlockSpec], budgets: Budgets, bandwidths: Bandwidths,
     overhead = CPU_OVERHEAD if device == "cpu" else max(CUDA_MIN_OVERHEAD, budgets.device // CUDA_OVERHEAD_DIVISOR)
     res_tier = "gpu" if device == "cuda" else "cpu"
     avail = budgets.device - kv - act - overhead
-    resident, depth, cheapest = _choose_resident(blocks, forced, res_tier, avail, depths)
+    first = resident, depth, cheapest = _choose_resident(blocks, forced, res_tier, avail, depths)
+    host = _host_embeds(blocks, forced, device) if resident is None or len(resident) < len(blocks) else set()
+    if host:            # not everything fits: the embedding stays in pinned RAM, looked up there
+        rest = [b for b in blocks if b.name not in host]
+        got = _choose_resident(rest, forced, res_tier, avail, depths)
+        if got[0] is not None and sum(b.nbytes for b in blocks if b.name in host) <= budgets.cpu:
+            resident, depth, cheapest = got
+        else:
+            host = set()
     if resident is None:
         how = "to hold every block resident" if mode == "none" else f"with offload={mode!r}" + \
             (f" and prefetch_depth={prefetch_depth}" if prefetch_depth is not None else "")
         raise _too_small(device, budgets.device, kv, act, cheapest, how)
-    depth = depth if len(resident) < len(blocks) else 0
-    tiers = _offload_tiers(blocks, forced, resident, device, budgets, depth)
-    p = Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload)
+    try:
+        depth = depth if len(resident) + len(host) < len(blocks) else 0
+        tiers = _offload_tiers(blocks, {**forced, **dict.fromkeys(host, "cpu")}, resident, device, budgets,
+                               depth, host)
+    except PlanError:
+        if not host or first[0] is None:
+            raise
+        (resident, depth, _), host = first, set()      # pinned RAM too small for it: as before
+        depth = depth if len(resident) < len(blocks) else 0
+        tiers = _offload_tiers(blocks, forced, resident, device, budgets, depth)
+    host = frozenset(host)
+    p = Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload,
+                  host_compute=host)
     decode, prefill = cpu_sets(p, cpu_compute)
     if not decode and not prefill:
         return p
     return Placement(device, blocks, tiers, depth, kv, act, overhead, budgets, bandwidths, workload,
-                     decode, prefill)
+                     decode, prefill, host)
+
+
+def _host_embeds(blocks, forced, device: str) -> set[str]:
+    """Embed blocks looked up on the host (cuda, placed automatically, ``cpu_ok``): an embedding
+    lookup reads only the input tokens' rows, so the table need not be resident or streamed."""
+    if device != "cuda":
+        return set()
+    return {b.name for b in blocks if b.kind == "embed" and b.cpu_ok and b.name not in forced}
 
 
 def _forced_tiers(blocks: tuple[BlockSpec, ...], mode, device: str) -> dict[str, str]:
@@ -189,13 +217,14 @@ def _too_small(device: str, budget: int, kv: int, act: int, cheapest: tuple, how
                      f"{fmt_bytes(needed)} is needed ({', '.join(parts)})", needed, budget)
 
 
-def _offload_tiers(blocks, forced, resident, device, budgets, depth) -> tuple[str, ...]:
-    """Home tier of every block: resident, else pinned RAM up to its budget (cuda), then disk."""
+def _offload_tiers(blocks, forced, resident, device, budgets, depth, host=()) -> tuple[str, ...]:
+    """Home tier of every block: resident, else pinned RAM up to its budget (cuda), then disk.
+    ``host``: blocks computed on the host (pinned RAM, never streamed)."""
     tiers = [("gpu" if device == "cuda" else "cpu") if b.name in resident else forced.get(b.name) for b in blocks]
     if device == "cpu":
         tiers = [t or "disk" for t in tiers]
     else:
-        streamed = [b.nbytes for b in blocks if b.name not in resident]
+        streamed = [b.nbytes for b in blocks if b.name not in resident and b.name not in host]
         _fill_host(blocks, tiers, budgets.cpu, _nslots(streamed, depth) * max(streamed, default=0))
     disk = sum(b.nbytes for b, t in zip(blocks, tiers) if t == "disk")
     if budgets.disk is not None and disk > budgets.disk:

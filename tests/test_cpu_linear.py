@@ -211,4 +211,6 @@ def test_block_costs_of_a_tiny_llama(tiny_models):
     assert extra == sum(cpu_linear.converted_nbytes(spec, n, k, torch.bfloat16) for n, k in shapes)
     assert small == 2 * 64 * 2 and ok
     spec_by_name = {b.name: b for b in planned.placement.blocks}
-    assert spec_by_name["layers.0"].cpu_extra == extra and not block_costs(planned.blocks[0], torch.bfloat16)[2]
+    assert spec_by_name["layers.0"].cpu_extra == extra
+    assert block_costs(planned.blocks[0], torch.bfloat16) == (0, 0, True)     # embed: a host lookup
+    assert not block_costs(planned.blocks[-1], torch.bfloat16)[2]             # head: never

@@ -94,3 +94,22 @@ def test_measured_cpu_rates_and_the_plan_table(tiny_models, monkeypatch, tmp_pat
                        group_size=32, progress=False) as llm:
         text = llm.plan.table()
     assert "Hybrid CPU/GPU" in text and "CPU matmul" in text
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])      # gpt2, gemma: tied; gemma: scaled
+def test_host_embedding_on_gpu_matches_resident(arch, tiny_models, tmp_path):
+    """Not every block resident: the embed block is looked up on the host (pinned RAM, result
+    uploaded non_blocking), never streamed; logits and greedy tokens equal the resident model."""
+    path = tiny_models(arch)
+    kw = dict(quantize="int4", group_size=32, device="cuda", dtype=torch.float32, progress=False)
+    with exa.Inference(str(path), offload="none", **kw) as llm:
+        want = _run(llm)
+    with exa.Inference(str(path), offload=MIXED, offload_dir=str(tmp_path), cpu_compute=ON_CPU, **kw) as llm:
+        ex = llm.engine.executor
+        assert llm.plan.host_compute == {"embed"} and "embed" not in ex.prefetcher.order
+        assert not llm.engine.model.get_input_embeddings().weight.is_cuda
+        got = _run(llm)
+        again = _run(llm)
+    assert torch.equal(got[0], want[0]) and torch.equal(again[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=2e-4, atol=2e-4)
+    assert torch.equal(got[2], want[2])

@@ -187,3 +187,43 @@ def test_cli_flag(tiny_models, capsys):
         main(["plan", str(tiny_models("llama")), "--cpu-compute", "sometimes"])
     with pytest.raises(ValueError, match="cluster"):
         exa.Inference(str(tiny_models("llama")), cluster=["cpu"], cpu_compute="always")
+
+
+@pytest.mark.parametrize("arch, offload, on_cpu", [("llama", MIXED, ["layers.0"]), ("llama", "cpu", "never"),
+                                                   ("gemma", "cpu", "never"),
+                                                   ("opt", {"layers.1": "cpu", "layers.2": "disk"}, "never"),
+                                                   ("gpt2", "cpu", "never")])
+def test_host_embedding_matches_all_resident(arch, offload, on_cpu, as_gpu, tiny_models, tmp_path):
+    """Not every block resident: the embed block stays in pinned RAM, looked up on the host in
+    every phase, never in the ring (gemma, opt, gpt2: tied embeddings, only the embed block
+    moves; gemma: a scaled embedding with a buffer; opt: learned positions, a subclass)."""
+    path = tiny_models(arch)
+    kw = dict(quantize="int4", group_size=32, device="cpu", progress=False)
+    with exa.Inference(str(path), offload="none", **kw) as llm:
+        assert not llm.plan.host_compute and llm.plan.is_resident("embed")
+        want = _run(llm)
+    with exa.Inference(str(path), offload=offload, offload_dir=str(tmp_path), cpu_compute=on_cpu, **kw) as llm:
+        p, ex = llm.plan, llm.engine.executor
+        assert p.host_compute == {"embed"} and p.tier_of("embed") == "cpu" and "embed" not in p.streamed()
+        assert "embed" in ex.host_embeds and "embed" not in ex.prefetcher.order
+        assert all("embed" not in o for o in ex.orders.values())
+        assert p.tier_of("head") == "gpu"
+        got = _run(llm)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    with exa.Inference(str(path), offload={**(offload if isinstance(offload, dict) else {"layers.*": offload}),
+                                           "embed": "gpu"}, offload_dir=str(tmp_path), **kw) as llm:
+        assert not llm.plan.host_compute and llm.plan.is_resident("embed")     # the old behaviour, forced
+        assert torch.equal(_run(llm)[2], want[2])
+
+
+def test_host_embedding_in_the_plan_table(tiny_models, capsys):
+    from exa.cli import main
+    path = str(tiny_models("llama"))
+    assert main(["plan", path, "--device", "cuda", "--max-gpu-memory", "2GiB", "--offload", "cpu"]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.strip().startswith("embed"))
+    assert "CPU lookup" in row and " cpu " in row, text
+    assert main(["plan", path, "--device", "cuda", "--max-gpu-memory", "2GiB"]) == 0     # all fits
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("embed"))
+    assert "resident" in row and " gpu " in row

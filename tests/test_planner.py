@@ -14,8 +14,10 @@ NO_KV = Workload(batch=1, context=16, prompt=512)
 
 
 def model(n_layers=10, layer=GiB, embed=GiB, head=GiB, layer_flops=2e9, head_flops=1e9):
-    """embed, layers.0..n-1, head; sizes in bytes."""
-    return ([BlockSpec("embed", embed, "embed")]
+    """embed, layers.0..n-1, head; sizes in bytes. The embed is not host-lookup eligible
+    (``cpu_ok=False``: the placement of tables that stay resident or streamed; see
+    test_planner_hybrid.py for the host embedding)."""
+    return ([BlockSpec("embed", embed, "embed", cpu_ok=False)]
             + [BlockSpec(f"layers.{i}", layer, "layer", layer_flops) for i in range(n_layers)]
             + [BlockSpec("head", head, "head", head_flops)])
 

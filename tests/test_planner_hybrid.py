@@ -19,7 +19,7 @@ HOST = [f"layers.{i}" for i in (0, 2, 3, 5, 7, 8)]
 
 
 def model(extra=GiB // 2, small=4096, ok=True):
-    return ([BlockSpec("embed", GiB, "embed")]
+    return ([BlockSpec("embed", GiB, "embed", cpu_ok=False)]
             + [BlockSpec(f"layers.{i}", GiB, "layer", 2e9, cpu_extra=extra, cpu_small=small, cpu_ok=ok)
                for i in range(10)]
             + [BlockSpec("head", GiB, "head", 1e9)])
@@ -148,7 +148,7 @@ def test_unmeasured_cpu_rates():
 def test_old_callers_are_unchanged():
     """Without CPU rates (Bandwidths' defaults) the placement is the stream-only one."""
     old = Bandwidths(h2d=10 * GiB, disk=1 * GiB, device_mem=100 * GiB, device_flops=1e12)
-    p = plan([BlockSpec(b.name, b.nbytes, b.kind, b.flops_per_token) for b in model()],
+    p = plan([BlockSpec(b.name, b.nbytes, b.kind, b.flops_per_token, cpu_ok=b.cpu_ok) for b in model()],
              Budgets(10 * GiB, 100 * GiB), old, WL)
     assert p.cpu_compute == frozenset() and p.decode_s == p.decode_stream_s and p.cpu_s == 0
     assert p.transfer_s == pytest.approx(0.6)
@@ -171,3 +171,24 @@ def test_bad_block_and_placement_inputs():
     with pytest.raises(ValueError, match="not pinned-RAM blocks"):
         Placement(p.device, p.blocks, p.tiers, p.prefetch_depth, p.kv_budget, p.activations, p.overhead,
                   p.budgets, p.bandwidths, p.workload, frozenset({"layers.1"}))
+
+
+def test_host_embedding_frees_device_memory_for_layers():
+    """10 GiB GPU: the old plan keeps embed + head + 3 slots + 4 layers (<= 9.5 GiB); with the
+    embed looked up on the host, head + 3 slots + 5 layers. Its bytes count on the host."""
+    blocks = [dataclasses.replace(b, cpu_ok=True) if b.kind == "embed" else b for b in model()]
+    p = plan(blocks, Budgets(10 * GiB, 100 * GiB), SLOW_LINK, WL)
+    old = place()
+    assert old.is_resident("embed") and len([b for b in old.blocks if old.is_resident(b.name)]) == 6
+    assert p.host_compute == {"embed"} and p.tier_of("embed") == "cpu" and "embed" not in p.streamed()
+    assert sum(p.is_resident(f"layers.{i}") for i in range(10)) == 5 and p.is_resident("head")
+    assert p.slots == 3 and p.slot_bytes == GiB
+    assert p.cpu_s >= HOST_SYNC_S / 7 and "CPU lookup" in p.table()
+    check(p)
+    allfit = plan(blocks, Budgets(40 * GiB, 100 * GiB), SLOW_LINK, WL)
+    assert allfit.is_resident("embed") and not allfit.host_compute
+    forced = plan(blocks, Budgets(10 * GiB, 100 * GiB), SLOW_LINK, WL, mode={"embed": "gpu"})
+    assert forced.is_resident("embed") and not forced.host_compute
+    assert plan(blocks, Budgets(10 * GiB, 100 * GiB), SLOW_LINK, WL, device="cpu").host_compute == frozenset()
+    small_ram = plan(blocks, Budgets(10 * GiB, 3 * GiB + GiB // 2), SLOW_LINK, WL)   # 3 GiB: disk staging
+    assert small_ram.is_resident("embed") and not small_ram.host_compute
