@@ -21,16 +21,20 @@ from typing import Any
 
 import torch
 
-from . import ALIGN, _check_block, _check_out, _cpu_buffer, _fmt_bytes, aligned_empty, round_up
+from . import (
+    ALIGN,
+    _check_block,
+    _check_out,
+    _cpu_buffer,
+    _fmt_bytes,
+    aligned_empty,
+    round_up,
+)
+from ._io import DiskStoreError, _pread_into, read_direct, read_plain
 
 BLOCKS = "blocks.bin"
 INDEX = "index.json"
 VERSION = 1
-_MAX_IO = 1 << 30  # bytes per read call (Linux caps one read at ~2 GiB anyway)
-
-
-class DiskStoreError(ValueError):
-    """A block store is missing, incomplete, malformed or corrupted."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,15 +48,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
-    """One positional read into ``buf`` (no shared file offset, so thread-safe)."""
-    if hasattr(os, "preadv"):
-        return os.preadv(fd, [buf], offset)
-    data = os.pread(fd, len(buf), offset)
-    buf[: len(data)] = data
-    return len(data)
 
 
 class DiskStoreWriter:
@@ -285,33 +280,11 @@ class DiskStore:
             and out.numel() >= padded
             and out.data_ptr() % ALIGN == 0
         )
-        done = self._read_direct(buf[:padded], offset, n) if use_direct else 0
+        done = read_direct(self._dfd, buf[:padded], offset, n) if use_direct else 0
         if done < n:
-            self._read_plain(buf[done:n], offset + done, key)
-
-    def _read_direct(self, buf: memoryview, offset: int, n: int) -> int:
-        """O_DIRECT reads while transfers stay aligned; returns bytes read (>= n when done)."""
-        fd, done = self._dfd, 0
-        assert fd is not None
-        while done < n:
-            got = _pread_into(fd, buf[done : done + min(len(buf) - done, _MAX_IO)], offset + done)
-            done += got
-            if got == 0 or got % ALIGN:  # EOF or an odd short read: finish with plain reads
-                break
-        return done
-
-    def _read_plain(self, buf: memoryview, offset: int, key: str) -> None:
-        fd, done = self._fd, 0
-        if fd is None:
-            raise ValueError(f"DiskStore {self.dir} is closed")
-        while done < len(buf):
-            got = _pread_into(fd, buf[done : done + min(len(buf) - done, _MAX_IO)], offset + done)
-            if got == 0:
-                raise DiskStoreError(
-                    f"{self.path}: unexpected end of file at byte {offset + done} while reading "
-                    f"block {key!r} (the file was truncated after the store was opened)"
-                )
-            done += got
+            if self._fd is None:
+                raise ValueError(f"DiskStore {self.dir} is closed")
+            read_plain(self._fd, buf[done:n], offset + done, self.path, key)
 
     def verify(self, key: str) -> None:
         """Read block ``key`` and check its crc32.

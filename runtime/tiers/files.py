@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import ALIGN, _check_out, _cpu_buffer, round_up
-from .disk import _MAX_IO, DiskStoreError, _pread_into
+from ._io import DiskStoreError, read_direct, read_plain
 
 
 class FileBlocks:
@@ -69,23 +69,15 @@ class FileBlocks:
         buf, done = _cpu_buffer(out), 0
         dfd = self._dfds.get(path)
         if dfd is not None and out.numel() >= round_up(n) and out.data_ptr() % ALIGN == 0:
-            while done < n:
-                try:
-                    got = _pread_into(dfd, buf[done:done + min(round_up(n) - done, _MAX_IO)], offset + done)
-                except OSError:             # e.g. EINVAL at a short tail: finish with plain reads
-                    break
-                done += got
-                if got == 0 or got % ALIGN:
-                    break
-            done = min(done, n)
+            try:
+                done = min(n, read_direct(dfd, buf[:round_up(n)], offset, n))
+            except OSError:                 # e.g. EINVAL at a short tail: plain reads instead
+                done = 0
         fd = self._fds.get(path)
         if fd is None:
             raise ValueError("FileBlocks is closed")
-        while done < n:
-            got = _pread_into(fd, buf[done:min(n, done + _MAX_IO)], offset + done)
-            if got == 0:
-                raise DiskStoreError(f"{path}: unexpected end of file while reading block {key!r}")
-            done += got
+        if done < n:
+            read_plain(fd, buf[done:n], offset + done, path, key)
 
     def close(self) -> None:
         for fd in list(self._fds.values()) + [d for d in self._dfds.values() if d is not None]:
