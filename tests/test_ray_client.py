@@ -36,7 +36,11 @@ def head(tmp_path_factory):
     """A one-node cluster started by ``ray start --head``; yields (gcs address, client address)."""
     env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
                RAY_USAGE_STATS_ENABLED="0",
-               EXA_CACHE_DIR=str(tmp_path_factory.mktemp("ray-client-exa-cache")))
+               EXA_CACHE_DIR=str(tmp_path_factory.mktemp("ray-client-exa-cache")),
+               # the cluster's workers import this checkout (as if exa were installed on every node),
+               # not whatever an editable install in the environment happens to point at
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                           *filter(None, [os.environ.get("PYTHONPATH")])]))
     gcs, client = _free_port(), _free_port()
     cmd = [_ray_cli(), "start", "--head", f"--port={gcs}", f"--ray-client-server-port={client}",
            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
