@@ -239,7 +239,8 @@ class Engine:
         from runtime.kernels import dispatch
         from runtime.kernels.tuning import m_bucket
         shapes = sorted({(m.out_features, m.in_features) for m, _ in qmods.values()})
-        ms = sorted({1, m_bucket(self.batch_size), 512})      # decode, batched decode, a prefill
+        top = m_bucket(self.batch_size)                         # every decode batch up to the planned one
+        ms = sorted({2 ** i for i in range(top.bit_length())} | {512})         # ... and a prefill
         for N, K in tqdm(shapes, desc="tuning kernels", unit="shape", disable=not self.progress):
             dispatch.warmup(self.quant, N, K, self.dtype, self.device, m_values=ms)
 
