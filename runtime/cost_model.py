@@ -8,7 +8,10 @@ CPU where its weights already live (the set ``on_cpu``; llama.cpp's split at bat
 * link     ``transfer = max(bytes streamed from RAM or disk / h2d, bytes from disk / disk)``
            (streamed = not resident and not in ``on_cpu``; one pass over them per step);
 * device   ``compute  = max(bytes of the device-computed blocks / device_mem,
-                            tokens x their flops / device_flops)`` (embed rows: not counted);
+                            tokens x their flops / device_flops,
+                            layer_issue x their layer blocks)`` (embed rows: not counted);
+           the last term is the host issuing eager kernels (~50 per layer) ahead of the GPU,
+           which bounds resident-heavy decode (see runtime/launch_probe.py);
 * host     ``cpu      = sum over on_cpu of (max(nbytes / cpu_mem, tokens x flops / cpu_flops)
                         + HOST_SYNC_S)``  (activations to the host and back, one sync per linear);
 * step     ``total    = max(transfer, compute) + cpu + LAUNCH_OVERHEAD_S x blocks``.
@@ -73,6 +76,7 @@ class Bandwidths:
     device_flops: float  # dense matmul throughput of the compute device
     cpu_mem: float = 0.0     # host RAM bytes/s read by the CPU matmul kernel (GEMV)
     cpu_flops: float = 0.0   # CPU matmul flop/s at many tokens
+    layer_issue: float = 0.0  # seconds the host takes to issue one layer's eager kernels (0 = not measured)
 
     def __post_init__(self) -> None:
         for k, v in vars(self).items():
@@ -119,12 +123,13 @@ def link_times(blocks: Sequence, tiers: Sequence[str], device: str, bw: Bandwidt
 
 
 def device_times(blocks: Sequence, bw: Bandwidths, tokens: int,
-                 on_cpu: frozenset = frozenset()) -> tuple[float, float]:
-    """(memory seconds, flop seconds) of the blocks the compute device runs."""
+                 on_cpu: frozenset = frozenset()) -> tuple[float, float, float]:
+    """(memory seconds, flop seconds, host issue seconds) of the blocks the compute device runs."""
     mine = [b for b in blocks if b.name not in on_cpu]
     # An embedding lookup reads only the rows it needs, not the whole table.
     mem = _div(sum(b.nbytes for b in mine if b.kind != "embed"), bw.device_mem, "device_mem")
-    return mem, _div(tokens * sum(b.flops_per_token for b in mine), bw.device_flops, "device_flops")
+    issue = bw.layer_issue * sum(1 for b in mine if b.kind == "layer")
+    return mem, _div(tokens * sum(b.flops_per_token for b in mine), bw.device_flops, "device_flops"), issue
 
 
 def phase_cost(blocks: Sequence, tiers: Sequence[str], device: str, bw: Bandwidths, tokens: int,
@@ -138,13 +143,16 @@ def phase_cost(blocks: Sequence, tiers: Sequence[str], device: str, bw: Bandwidt
 
 
 def bound(cost: PhaseCost, blocks, tiers, device, bw, tokens, on_cpu=frozenset()) -> str:
-    """What limits a phase: "host->GPU copy", "disk read", "host CPU", "memory bandwidth", "compute"."""
+    """What limits a phase: "host->GPU copy", "disk read", "host CPU", "memory bandwidth", "compute",
+    "kernel launches" (the host issuing eager kernels)."""
     if cost.cpu_s > max(cost.transfer_s, cost.compute_s):
         return "host CPU"
     if cost.transfer_s > cost.compute_s:
         h2d, disk = link_times(blocks, tiers, device, bw, on_cpu)
         return "disk read" if disk >= h2d else "host->GPU copy"
-    mem, flops = device_times(blocks, bw, tokens, on_cpu)
+    mem, flops, issue = device_times(blocks, bw, tokens, on_cpu)
+    if issue > max(mem, flops):
+        return "kernel launches"
     return "memory bandwidth" if mem >= flops else "compute"
 
 

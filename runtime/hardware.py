@@ -36,7 +36,7 @@ DEFAULTS = {
     "cpu": Bandwidths(h2d=0.0, disk=1e9, device_mem=20e9, device_flops=1e11),
     "cuda": Bandwidths(h2d=12e9, disk=1e9, device_mem=2e12, device_flops=4e14),
 }
-_CACHE_VERSION = 2                     # 2: + cpu_mem / cpu_flops (the CPU matmul rates)
+_CACHE_VERSION = 3                     # 2: + cpu_mem / cpu_flops (the CPU matmul rates); 3: + layer_issue
 _CPU_GEMV_BYTES = 256 * MiB
 _DISK_TEST_BYTES = 64 * MiB
 _memo: dict[str, tuple[Bandwidths, tuple[str, ...]]] = {}
@@ -69,6 +69,8 @@ class HardwareInfo:
                  f"device memory {bw.device_mem / 1e9:.0f} GB/s, {bw.device_flops / 1e12:.2f} TFLOP/s",
                  f"CPU matmul (int4, all cores): {bw.cpu_mem / 1e9:.1f} GB/s of weights at 1 token, "
                  f"{bw.cpu_flops / 1e9:.0f} GFLOP/s at 64 tokens" if bw.has_cpu else "CPU matmul: not measured"]
+        if bw.layer_issue:
+            lines.append(f"host issues one eager decoder layer in {bw.layer_issue * 1e3:.2f} ms")
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -189,7 +191,7 @@ def _save_cache(path: Path, entries: dict) -> None:
 
 def _from_entry(entry: object) -> tuple[Bandwidths, tuple[str, ...]] | None:
     try:
-        keys = ("h2d", "disk", "device_mem", "device_flops", "cpu_mem", "cpu_flops")
+        keys = ("h2d", "disk", "device_mem", "device_flops", "cpu_mem", "cpu_flops", "layer_issue")
         bw = Bandwidths(**{k: float(entry[k]) for k in keys})
         return bw, tuple(str(n) for n in entry.get("notes", ()))
     except (TypeError, KeyError, ValueError, AttributeError):
@@ -224,7 +226,8 @@ def _measure(dev: str, disk_dir: Path) -> tuple[Bandwidths, tuple[str, ...]]:
     cpu_rates = _cpu_matmul()
     if dev.startswith("cuda"):
         d = torch.device(dev)
-        return Bandwidths(_cuda_h2d(d), disk, _cuda_mem(d), _cuda_flops(d), *cpu_rates), notes
+        from runtime.launch_probe import layer_issue_s
+        return Bandwidths(_cuda_h2d(d), disk, _cuda_mem(d), _cuda_flops(d), *cpu_rates, layer_issue_s(d)), notes
     return Bandwidths(0.0, disk, _cpu_mem(), _cpu_flops(), *cpu_rates), notes
 
 

@@ -155,3 +155,10 @@ def test_probe_cuda(tmp_path):
     assert 0 < info.device_free <= info.device_total
     bw = info.bandwidths
     assert 1e9 < bw.h2d < 1e12 and 1e10 < bw.device_mem < 1e14 and 1e12 < bw.device_flops < 1e16
+
+
+def test_layer_issue_probe_is_cuda_only_and_plausible():
+    from runtime.launch_probe import layer_issue_s
+    assert layer_issue_s("cpu") == 0.0                  # a CPU device: part of the measured CPU rates
+    if torch.cuda.is_available():
+        assert 1e-5 < layer_issue_s("cuda") < 0.05      # ~50 eager launches: tens of us to ms
