@@ -103,8 +103,9 @@ def _sync(a):
             torch.cuda.synchronize(i)
 
 
-def measure(llm, a, vocab: int) -> dict:
-    """Prefill tok/s (batch 1), decode tok/s at batch 1 and ``a.batch``, greedy tokens (batch 1)."""
+def measure(llm, a, vocab: int, logits_file: Path | None = None) -> dict:
+    """Prefill tok/s (batch 1), decode tok/s at batch 1 and ``a.batch``, greedy tokens (batch 1);
+    with ``logits_file``, the logits behind each greedy token (a forward over prompt + tokens)."""
     g = torch.Generator().manual_seed(0)
     out = {}
     for batch in (1, a.batch):
@@ -117,6 +118,10 @@ def measure(llm, a, vocab: int) -> dict:
         if batch == 1:
             out["first_token_s"] = stamps[0]
             out["tokens"] = toks[0].tolist()
+            if logits_file is not None:       # teacher-forced logits at every generated position
+                full = torch.cat([ids, toks[:, :-1].to(ids.device)], 1)
+                lg = llm.logits(full)[0, a.prompt - 1:].float().cpu()
+                torch.save(lg, logits_file)
             _sync(a)
             t = time.perf_counter()
             llm.engine.forward(ids, logits_to_keep=1)
@@ -147,15 +152,36 @@ def _setup(a, setup: str, path: str, common: dict, vocab, first: str) -> dict:
     """Load one setup (one GPU, or the pipeline over ``a.gpus``) and measure it."""
     import exa
     _peaks(a)                                   # reset
+    lf = _logits_file(a, setup)
     if setup == "single":
         with exa.Inference(path, device=first, **common) as llm:
-            return {**measure(llm, a, vocab or llm.engine.config.vocab_size), "predicted": _predicted(llm.plan),
+            return {**measure(llm, a, vocab or llm.engine.config.vocab_size, lf), "predicted": _predicted(llm.plan),
                     **_peaks(a)}
     cluster = "auto" if a.transport == "ray" else \
         [f"cuda:{i}" for i in range(a.gpus)] if a.device == "cuda" else ["cpu"] * a.gpus
     with exa.Inference(path, cluster=cluster, **common) as llm:
-        return {**measure(llm, a, vocab or llm.engine.config.vocab_size), "predicted": _predicted(llm.plan),
+        return {**measure(llm, a, vocab or llm.engine.config.vocab_size, lf), "predicted": _predicted(llm.plan),
                 "stages": len(llm.plan.stages), "table": llm.plan.table(), **_peaks(a)}
+
+
+def _logits_file(a, setup: str) -> Path:
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.with_name(f"{out.stem.split('.')[0]}.{setup}.logits.pt")
+
+
+def compare_logits(a, tokens: dict) -> dict:
+    """Where the greedy tokens part, how far apart the two setups' logits were, and how close the
+    single GPU's top two logits were (a near tie flips on any rounding difference)."""
+    lg = {k: torch.load(_logits_file(a, k)) for k in ("single", "pipeline")}
+    t1, t2 = tokens["single"], tokens["pipeline"]
+    first = next((i for i, (x, y) in enumerate(zip(t1, t2)) if x != y), None)
+    upto = len(t1) if first is None else first + 1          # positions with identical inputs
+    diff = (lg["single"][:upto] - lg["pipeline"][:upto]).abs().amax(-1)
+    top2 = lg["single"][:upto].topk(2, -1).values
+    return {"first_differing_step": first, "logits_max_abs_diff_per_step": diff.tolist(),
+            "single_top2_margin_per_step": (top2[:, 0] - top2[:, 1]).tolist(),
+            "logit_scale_abs_max": float(lg["single"][:upto].abs().max())}
 
 
 def _in_child(a, setup: str) -> dict:
@@ -196,6 +222,7 @@ def run(a) -> dict:
         results[setup] = _in_child(a, setup) if a.isolate else _setup(a, setup, path, common, vocab, first)
     print(results["pipeline"].pop("table", ""), file=sys.stderr)
     results["greedy_tokens_equal"] = results["single"]["tokens"] == results["pipeline"]["tokens"]
+    results["logits"] = compare_logits(a, {k: results[k]["tokens"] for k in ("single", "pipeline")})
     for key in ("decode_tok_s_b1", f"decode_tok_s_b{a.batch}", "prefill_tok_s_b1"):
         results[f"speedup_{key}"] = results["pipeline"][key] / results["single"][key]
     return results
@@ -217,7 +244,10 @@ def main(argv=None) -> int:
         r = res[k]
         print(f"{k:9s} prefill {r['prefill_tok_s_b1']:9.1f} tok/s  decode b1 {r['decode_tok_s_b1']:8.2f} tok/s  "
               f"b{a.batch} {r[f'decode_tok_s_b{a.batch}']:8.2f} tok/s")
-    print(f"greedy tokens equal: {res['greedy_tokens_equal']}; results in {a.out}")
+    lg = res["logits"]
+    print(f"greedy tokens equal: {res['greedy_tokens_equal']} (first differing step: {lg['first_differing_step']}); "
+          f"logits max |diff| per step {[f'{x:.3g}' for x in lg['logits_max_abs_diff_per_step']]}, "
+          f"single's top-2 margin {[f'{x:.3g}' for x in lg['single_top2_margin_per_step']]}; results in {a.out}")
     return 0
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The 70B-shaped runs on a lent GPU machine, in one go; results land in OUTDIR.
 #   bash benchmarks/device_70b.sh OUTDIR [stage...]
-# stages: tests (CUDA tests), synth, cluster (2 GPUs), bounds, b24, budgets (16/12 GiB), batch, disk, kernels_tests
+# stages: tests (CUDA tests), synth, cluster (2 GPUs), bounds, b24, budgets (16/12 GiB), batch, disk, kernels_tests,
+#   profile (torch.profiler of 70B decode, resident and 24 GiB), side (13B bf16 at 8 GiB: accelerate vs exa bf16 vs int4;
+#   deletes the 70B checkpoint for disk space)
 # The checkpoint (~38 GiB) is written once to .bench/ and reused while the machine lives.
 # Rough wall times on an H100/H200 x2 host (2026-11-26): synth 60 s, cluster ~250 s (cold tuning
 # cache), bounds 25 s, b24 (auto + stream-only, 128 tokens each) ~200 s, budgets ~250 s,
@@ -40,6 +42,12 @@ for s in $STAGES; do
     budgets) $B --steps budgets --budgets 16GiB,12GiB --new-tokens 64 >> "$OUT/llm70b.txt" 2>&1 ;;
     batch)   $B --steps batch >> "$OUT/llm70b.txt" 2>&1 ;;
     disk)    $B --steps disk >> "$OUT/llm70b.txt" 2>&1 ;;
+    profile) for cap in "" 24GiB; do timeout 240 python3 benchmarks/profile_decode.py $M ${cap:+--cap $cap} \
+               --out "$OUT" > /dev/null 2>> "$OUT/llm70b.txt"; done ;;
+    side)    rm -rf "$M"        # the 13B bf16 checkpoint needs the disk space (~24 GiB)
+             for part in "exa" "exa --quant int4" "accelerate"; do tag=$(echo $part | tr -d ' -'); \
+               timeout 300 python3 benchmarks/offload_stream.py --cap 8GiB --dir $PWD/.bench --part $part \
+               --out "$OUT/side_$tag.json" >> "$OUT/side.txt" 2>&1; done ;;
   esac
   echo "$s: rc=$? $(( $(date +%s) - t0 )) s" | tee -a "$OUT/stages.txt"
 done
