@@ -74,8 +74,10 @@ class Inference:
             if size is not None:
                 parse_size(size, name)      # a bad budget is an error even where it is unused
         self.model_path = str(model if model is not None else default_model())
+        t_open = time.perf_counter()
         ckpt = open_checkpoint(self.model_path, trust_remote_code=trust_remote_code,
                                gguf_native=gguf_native)
+        t_open = time.perf_counter() - t_open
         if cluster is not None and cpu_compute not in ("auto", "never"):
             raise ValueError(f"cpu_compute={cpu_compute!r} is not supported with cluster= "
                              "(pipeline stages stream their offloaded layers)")
@@ -96,6 +98,9 @@ class Inference:
                                  trust_remote_code=trust_remote_code,
                                  quant=spec_from_name(quantize, group_size=group_size),
                                  skip_modules=skip_modules, cpu_compute=cpu_compute)
+        times = getattr(self.engine, "load_times", None)
+        if isinstance(times, dict):
+            times["open_checkpoint"] = t_open
         self._tokenizer_kwargs = ckpt.tokenizer_kwargs
         self._generation_configs = [ckpt.generation_config,
                                     getattr(self.engine.model, "generation_config", None)]

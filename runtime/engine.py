@@ -167,9 +167,11 @@ class Engine:
             quant=quant, skip_modules=skip_modules, cpu_compute=cpu_compute)
         self.load_times["plan"] = time.perf_counter() - t0              # incl. the hardware probe
         self.layers = self.model.get_submodule(arch.layers)
+        t = time.perf_counter()
         resolve_sources(self.model, self.blocks, ckpt, qmods)
         self._offload_dir = offload_dir
         move_buffers(self.model, self.device)
+        self.load_times["bind"] = time.perf_counter() - t
         self.executor = self._materialise()
         t = time.perf_counter()
         self._warm_kernels(qmods)
@@ -222,14 +224,17 @@ class Engine:
             bar.update()
         bar.close()
         self.load_times["read_blocks"] = time.perf_counter() - t     # incl. CPU-kernel conversions
+        t = time.perf_counter()
         for n in disk_names:
             sources[n] = Source("disk", self._block(n).nbytes, store=store, key=n)
         self.ckpt.close()
         self.pool = pool
         order = [b.name for b in self.blocks if b.name in sources]
         pre = Prefetcher(order, sources, p.slots, self.device) if order else None
-        return Executor(self.model, self.layers, self.blocks, resident, pre, host_blocks,
-                        {"decode": p.cpu_compute, "prefill": p.cpu_compute_prefill}, host_embeds)
+        ex = Executor(self.model, self.layers, self.blocks, resident, pre, host_blocks,
+                      {"decode": p.cpu_compute, "prefill": p.cpu_compute_prefill}, host_embeds)
+        self.load_times["ring"] = time.perf_counter() - t
+        return ex
 
     def _warm_kernels(self, qmods: dict) -> None:
         """Autotune the quantized-matmul kernels once per distinct layer shape, so the first
