@@ -339,35 +339,6 @@ def test_cuda_index_is_accepted():
 
 
 # -- predictions ------------------------------------------------------------------------------
-def test_predictions_transfer_bound_decode_compute_bound_prefill():
-    p = plan(model(), Budgets(10 * GiB, 100 * GiB), BW, NO_KV)
-    launch = 12 * 20e-6
-    assert p.transfer_s == pytest.approx(0.6)            # 6 GiB at 10 GiB/s
-    assert p.compute_s == pytest.approx(0.11)            # 11 GiB (no embed) at 100 GiB/s > 21 GFLOP/1e12
-    assert p.decode_s == pytest.approx(0.6 + launch)
-    assert p.decode_tok_s == pytest.approx(1 / (0.6 + launch))
-    assert p.decode_bound == "host->GPU copy"
-    assert p.prefill_compute_s == pytest.approx(512 * 21e9 / 1e12)   # 10.752 s
-    assert p.prefill_s == pytest.approx(10.752 + launch)
-    assert p.prefill_tok_s == pytest.approx(512 / (10.752 + launch))
-    assert p.prefill_bound == "compute"
-
-
-def test_predictions_disk_bound():
-    p = plan(model(), Budgets(10 * GiB, 5 * GiB), BW, NO_KV)
-    assert p.transfer_s == pytest.approx(4.0)            # 4 GiB from disk at 1 GiB/s > 6 GiB / 10 GiB/s
-    assert p.decode_bound == "disk read"
-
-
-def test_predictions_all_resident_memory_bound():
-    wl = Workload(batch=4, context=16, prompt=512)
-    p = plan(model(), Budgets(40 * GiB, 0), BW, wl)
-    assert p.transfer_s == 0
-    assert p.compute_s == pytest.approx(0.11)             # 4 * 21e9 / 1e12 = 0.084 < 0.11
-    assert p.decode_tok_s == pytest.approx(4 / (0.11 + 12 * 20e-6))
-    assert p.decode_bound == "memory bandwidth"
-
-
 def test_zero_h2d_bandwidth_is_rejected_when_streaming():
     bw = dataclasses.replace(BW, h2d=0.0)
     with pytest.raises(ValueError, match="h2d"):
