@@ -12,6 +12,8 @@ The source weights already lie on an asymmetric int4 group-32 grid (GGUF Q4_1), 
 model is unusually sensitive to re-quantization at group 128; see RESULTS.md.
 
     python benchmarks/quality_calib.py --max-tokens 4096 --samples 64 --grid 10 --awq-samples 16 --out quality_calib.json
+    python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
+        --only act-order      # the best GPTQ int4 g128 setting found (attention-sink weighting)
 """
 from __future__ import annotations
 
@@ -50,6 +52,14 @@ def rows_for(args) -> list[tuple[str, str, QuantSpec | None]]:
     return rows
 
 
+def gptq_suffix(args) -> str:
+    """The non-default GPTQ options of this run, for the row labels."""
+    opts = [f"damp {args.damp:g}"] if args.damp != 0.01 else []
+    opts += [o for o, on in (("static groups", args.static_groups), ("mse", args.mse)) if on]
+    opts += [f"sink x{args.sink_weight:g}"] if args.sink_weight != 1 else []
+    return f" ({', '.join(opts)})" if opts else ""
+
+
 def run(args) -> dict:
     path = default_model_safetensors()
     from transformers import AutoTokenizer
@@ -69,12 +79,15 @@ def run(args) -> dict:
             ppl = bnb_ppl(path, "nf4", ids, args)
         else:
             opts = CalibOptions(desc_act=method == "gptq-act", awq_grid=args.grid, damp_percent=args.damp,
-                                awq_search_samples=args.awq_samples)
+                                awq_search_samples=args.awq_samples, static_groups=args.static_groups,
+                                mse=args.mse, sink_weight=args.sink_weight)
             ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
                            n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
                            options=opts, overwrite=True, progress=True)
             calib_s = time.perf_counter() - t
             ppl = exa_ppl(ck.path, None, ids, args)
+        if method.startswith("gptq"):
+            label += gptq_suffix(args)
         out.append({"config": label, "ppl": ppl, "s": time.perf_counter() - t, "calib_s": calib_s})
         print(out[-1], flush=True)
         if args.out:                                      # partial results survive an interruption
@@ -109,6 +122,10 @@ if __name__ == "__main__":
     ap.add_argument("--awq-samples", type=int, default=32, help="windows the AWQ alpha search scores")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damp_percent")
     ap.add_argument("--act-order", action="store_true", help="add GPTQ act-order rows")
+    ap.add_argument("--static-groups", action="store_true", help="GPTQ grids from the original weights")
+    ap.add_argument("--mse", action="store_true", help="GPTQ: clipping search for each group's range")
+    ap.add_argument("--sink-weight", type=float, default=1.0,
+                    help="GPTQ: Hessian weight of each window's first token for q/k/v")
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--work", help="where calibrated checkpoints are written (default: a temp dir)")
     ap.add_argument("--out", default=None)

@@ -17,6 +17,10 @@ checkpoint's blocks. The calibration windows flow through the model block by blo
    unbound; the *written* quantized block is bound and run to give the next layer's inputs;
 3. embed and head blocks are copied (RTN for any quantizable linear in them, as Quantize does).
 
+GPTQ options beyond the paper's (CalibOptions): ``sink_weight`` weighs each window's first
+token(s) more in the Hessians of the linears reading the attention's input (q/k/v; see
+_hessian_hook) and ``mse`` searches each group's clipping range.
+
 At most one block's weights are bound at a time, plus the calibration activations
 ``[n_samples, seqlen, hidden]``. Finished blocks found in the output directory (sha256 checked,
 same settings) are skipped on a rerun: their shards are read back and run to recompute the next
@@ -59,6 +63,9 @@ class CalibOptions:
     true_sequential: bool = True
     awq_grid: int = 20
     awq_search_samples: int = 32          # calibration windows used by the AWQ alpha search
+    mse: bool = False                     # GPTQ: clipping search for each group's range
+    sink_weight: float = 1.0              # GPTQ: Hessian weight of each window's first token(s) for
+    sink_positions: int = 1               # the attention's input linears (q/k/v), see _hessian_hook
 
 
 @dataclass
@@ -243,13 +250,16 @@ class Calibrator:
         order = [g for g in order if g] + [[n] for n in targets if n not in covered]
         if not self.opts.true_sequential:
             order = [[n for g in order for n in g]]
+        first = self.groups.sequential[0] if self.groups and self.groups.sequential else ()
+        sink = set(first) if self.opts.sink_weight != 1 else set()     # the attention's inputs
         packed, total = {}, 0.0
         for names in order:
             hess = {n: Hessian(self._weight(*targets[n]).shape[1], self.device) for n in names}
             hit: set[str] = set()
 
-            handles = [targets[n][0].register_forward_hook(self._hessian_hook(n, hess, hit, len(names)))
-                       for n in names]
+            handles = [targets[n][0].register_forward_hook(
+                self._hessian_hook(n, hess, hit, len(names), self.opts.sink_weight if n in sink else 1.0))
+                for n in names]
             try:
                 self._forward_all(layer, hs, kwargs)
             finally:
@@ -259,17 +269,28 @@ class Calibrator:
                 mod, transposed = targets[n]
                 res = gptq_quantize(self._weight(mod, transposed), hess[n].H, self.spec,
                                     damp_percent=self.opts.damp_percent, desc_act=self.opts.desc_act,
-                                    static_groups=self.opts.static_groups, block_size=self.opts.block_size)
+                                    static_groups=self.opts.static_groups, block_size=self.opts.block_size,
+                                    mse=self.opts.mse)
                 self._weight(mod, transposed).copy_(res.weight)      # later groups see quantized weights
                 packed[n], total = res.packed, total + res.loss
         return packed, total
 
-    @staticmethod
-    def _hessian_hook(name: str, hess: dict, hit: set, n_names: int):
-        """Forward hook: add the input to ``hess[name]``; once every linear of the group has
-        seen this window, stop the layer's forward (the rest is not needed)."""
+    def _hessian_hook(self, name: str, hess: dict, hit: set, n_names: int, sink_weight: float = 1.0):
+        """Forward hook: add the input ``[1, S, K]`` to ``hess[name]``, its first
+        ``sink_positions`` tokens weighted ``sink_weight``; once every linear of the group has
+        seen this window, stop the layer's forward (the rest is not needed).
+
+        Why weight them: in models with an attention sink (most of the attention mass of every
+        query on the first token, whose hidden state carries massive activations), an error in
+        that token's keys / values reaches every later token, while the plain GPTQ objective
+        counts it as one token of S. Weighting the sink's rows about ``S`` times (the attention
+        mass it receives) makes q/k/v's Hessians say so."""
         def hook(mod, args, out):
-            hess[name].add(args[0])
+            x = args[0]
+            if sink_weight != 1.0:
+                x = x.clone()
+                x[..., :self.opts.sink_positions, :] *= sink_weight ** 0.5
+            hess[name].add(x)
             hit.add(name)
             if len(hit) == n_names:
                 hit.clear()

@@ -14,7 +14,9 @@ calibration inputs, ``[n, K]``). This module implements the standard algorithm:
   update is applied to the block's columns only, and to the rest of the matrix once per block;
 * group-wise grids: a group's scale / zero point are computed from its (already updated)
   weights when its first column is reached, exactly the grid that intq.py stores;
-* act-order (``desc_act``): columns are processed in order of decreasing ``H[k, k]``.
+* act-order (``desc_act``): columns are processed in order of decreasing ``H[k, k]``;
+* optional clipping search (``mse``): each group's range ``[p min, p max]`` with ``p`` chosen
+  from a grid to minimise ``sum |w - Q(w)|^2.4``, as GPTQ's "mse" quantizer option does.
 
 exa's format has no ``g_idx`` (column k always belongs to group ``k // group_size``), so with
 ``desc_act=True`` the grids are always *static groups*: computed from the original weights in
@@ -75,22 +77,56 @@ def check_spec(spec: QuantSpec) -> QuantSpec:
     return spec
 
 
-def _grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """Scale (fp16-rounded, as float32), zero point and stored scale for a group ``w [N, g]``.
+def _grid(w: Tensor, spec: QuantSpec, mse: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale (fp16-rounded, as float32), zero point and stored scale for groups ``w [..., g]``.
 
-    Mirrors intq.quantize exactly: returns ``(s, z, s16)`` with ``s`` the safe divisor.
+    Mirrors intq.quantize exactly: returns ``(s, z, s16)`` with ``s`` the safe divisor. With
+    ``mse`` the range is shrunk per row (see _mse_shrink) before the grid is computed.
     """
     maxq = (1 << spec.bits) - 1
+    lo, hi = w.amin(-1), w.amax(-1)
+    if mse:
+        p = _mse_shrink(w, spec, lo, hi)
+        lo, hi = lo * p, hi * p
     if spec.sym:
         c = 1 << (spec.bits - 1)
-        s16 = intq._to_half(w.abs().amax(-1) / (c - 1), spec, "scales")
+        s16 = intq._to_half(torch.maximum(lo.abs(), hi.abs()) / (c - 1), spec, "scales")
         z = torch.full_like(s16, c, dtype=torch.float32)
     else:
-        lo = w.amin(-1).clamp(max=0.0)
-        hi = w.amax(-1).clamp(min=0.0)
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         s16 = intq._to_half((hi - lo) / maxq, spec, "scales")
         z = torch.round(-lo / intq._safe(s16.float())).clamp(0, maxq)
     return intq._safe(s16.float()), z, s16
+
+
+MSE_GRID, MSE_MAX_SHRINK, MSE_NORM = 100, 0.8, 2.4
+
+
+def _mse_shrink(w: Tensor, spec: QuantSpec, lo: Tensor, hi: Tensor) -> Tensor:
+    """Per-row factor ``p`` in ``1, 0.99, ..., 0.2`` whose grid over ``[p lo, p hi]`` (clipping
+    the weights outside) gives the smallest ``sum |w - Q(w)|^2.4`` (the range search of
+    GPTQ's "mse" quantizer option). ``w [..., g]`` -> ``p [...]``."""
+    maxq = (1 << spec.bits) - 1
+    best_err = torch.full_like(lo, float("inf"))
+    best_p = torch.ones_like(lo)
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        p = 1 - i / MSE_GRID
+        l1, h1 = lo * p, hi * p
+        if spec.sym:
+            c = 1 << (spec.bits - 1)
+            s = intq._safe((torch.maximum(l1.abs(), h1.abs()) / (c - 1)).half().float())
+            z = torch.full_like(s, c)
+        else:
+            l1, h1 = l1.clamp(max=0.0), h1.clamp(min=0.0)
+            s = intq._safe(((h1 - l1) / maxq).half().float())
+            z = torch.round(-l1 / s).clamp(0, maxq)
+        s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+        q = (torch.clamp(torch.round(w / s) + z, 0, maxq) - z) * s
+        err = (q - w).abs().pow_(MSE_NORM).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return best_p
 
 
 def _inverse_factor(H: Tensor, damp_percent: float) -> Tensor:
@@ -116,7 +152,7 @@ def _inverse_factor(H: Tensor, damp_percent: float) -> Tensor:
 
 def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float = 0.01,
                   desc_act: bool = False, static_groups: bool = False,
-                  block_size: int = 128) -> GPTQResult:
+                  block_size: int = 128, mse: bool = False) -> GPTQResult:
     """Quantize ``w [N, K]`` with GPTQ against the input Hessian ``H [K, K]`` (``2 X^T X / n``).
 
     Args:
@@ -127,6 +163,7 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
         desc_act: act-order (columns by decreasing ``H[k, k]``); implies static groups here.
         static_groups: compute every group's grid from the original weights up front.
         block_size: columns per lazy-batch block (rounded to whole groups).
+        mse: choose each group's range by a clipping search (_mse_shrink) instead of min/max.
 
     Returns:
         a GPTQResult: intq packed tensors, the dequantized weight and the GPTQ loss.
@@ -150,8 +187,12 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
     zero = torch.empty(N, G, device=dev)
     s16 = torch.empty(N, G, dtype=torch.float16, device=dev)
     if static:
-        for j in range(G):
-            scale[:, j], zero[:, j], s16[:, j] = _grid(W[:, j * g:(j + 1) * g], spec)
+        with _few_threads(dev):
+            if K % g == 0:                                          # all groups at once
+                scale[:], zero[:], s16[:] = _grid(W.reshape(N, G, g), spec, mse)
+            else:
+                for j in range(G):
+                    scale[:, j], zero[:, j], s16[:, j] = _grid(W[:, j * g:(j + 1) * g], spec, mse)
 
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
     if perm is not None:
@@ -164,7 +205,7 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
     loss = torch.zeros((), device=dev)
     col = perm.tolist() if perm is not None else list(range(K))   # natural column of position j
     with _few_threads(dev):
-        _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static)
+        _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static, mse)
     if perm is not None:
         inv = torch.argsort(perm)
         Q, D = Q[:, inv], D[:, inv]
@@ -176,8 +217,8 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
 
 @contextmanager
 def _few_threads(dev: torch.device):
-    """The column loop runs thousands of tiny ops: on a CPU, one thread beats several
-    (no per-op thread hand-off, which dominates on a busy machine)."""
+    """The column loop (and the grid search) run thousands of small ops: on a CPU, one thread
+    beats several (no per-op thread hand-off, which dominates on a busy machine)."""
     if dev.type != "cpu":
         yield
         return
@@ -189,7 +230,7 @@ def _few_threads(dev: torch.device):
         torch.set_num_threads(n)
 
 
-def _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static) -> None:
+def _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static, mse) -> None:
     """The GPTQ column loop with lazy batch updates (fills Q, D, loss and, for dynamic groups,
     scale / zero / s16 in place)."""
     maxq = (1 << spec.bits) - 1
@@ -202,7 +243,7 @@ def _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static) -> No
             j = b0 + i                                              # position in processing order
             grp = col[j] // g
             if not static and col[j] % g == 0:                 # natural order: group starts here
-                scale[:, grp], zero[:, grp], s16[:, grp] = _grid(W1[:, i:i + g], spec)
+                scale[:, grp], zero[:, grp], s16[:, grp] = _grid(W1[:, i:i + g], spec, mse)
             x, d = W1[:, i], U1[i, i]
             q = torch.clamp(torch.round(x / scale[:, grp]) + zero[:, grp], 0, maxq)
             dq = (q - zero[:, grp]) * scale[:, grp]
