@@ -144,6 +144,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seqlen", type=_count, default=512, metavar="N", help="tokens each (default 512)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq dampening (default 0.01)")
     q.add_argument("--desc-act", action="store_true", help="gptq act-order (static groups)")
+    q.add_argument("--mse", action="store_true", help="gptq: clipping search for each group's range")
+    q.add_argument("--sink-weight", type=float, default=1.0,
+                   help="gptq: Hessian weight of each window's first token for q/k/v (default 1 = off; ~512 "
+                        "for models with an attention sink)")
     q.add_argument("--device", type=_device, metavar="DEVICE", help="where gptq/awq run (default: cuda if present)")
     q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric int grid")
@@ -269,7 +273,7 @@ def _cmd_quantize(args) -> None:
                      skip_modules=args.skip, verbose=args.verbose, method=args.method,
                      calibration=args.calib, calibration_samples=args.calib_samples,
                      calibration_seqlen=args.calib_seqlen, damp_percent=args.damp, desc_act=args.desc_act,
-                     device=args.device)
+                     mse=args.mse, sink_weight=args.sink_weight, device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:
         done = {k: v for k, v in q.losses.items() if v is not None}

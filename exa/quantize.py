@@ -49,6 +49,10 @@ class Quantize:
             in natural column order, since the format has no g_idx).
         static_groups: GPTQ: compute every group's grid from the original weights up front.
         true_sequential: GPTQ: quantize q/k/v, o, gate/up, down in turn, re-running the layer.
+        mse: GPTQ: choose each group's range by a clipping search instead of min/max.
+        sink_weight: GPTQ: Hessian weight of each window's first token for q/k/v (1 = off). In
+            models with an attention sink (most attention on the first token) errors there reach
+            every token; about the window length (e.g. 512) worked on SmolLM2 (RESULTS.md).
         device: where calibration runs ("cuda" when available, else "cpu").
     """
 
@@ -58,7 +62,8 @@ class Quantize:
                  has_fp16_weight: bool = False, verbose: bool = False, sym: bool = False,
                  method: str = "rtn", calibration=None, calibration_samples: int = 128,
                  calibration_seqlen: int = 512, damp_percent: float = 0.01, desc_act: bool = False,
-                 static_groups: bool = False, true_sequential: bool = True, device: str | None = None):
+                 static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
+                 mse: bool = False, sink_weight: float = 1.0):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -75,8 +80,10 @@ class Quantize:
                                   zero_mode="int")
         self.method, self.calibration = method, calibration
         self.calib_kwargs = dict(n_samples=calibration_samples, seqlen=calibration_seqlen, device=device)
+        if not sink_weight > 0:
+            raise ValueError(f"sink_weight must be > 0, got {sink_weight!r}")
         self.calib_options = dict(damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups,
-                                  true_sequential=true_sequential)
+                                  true_sequential=true_sequential, mse=mse, sink_weight=float(sink_weight))
         self.losses: dict[str, float] = {}         # gptq/awq: layer -> loss (None: resumed)
         self.model_id, self.skip_modules = model_id, list(skip_modules)
         self.compute_dtype, self.verbose = compute_dtype, verbose

@@ -228,6 +228,14 @@ def test_quantize_api_and_cli(tiny_models, tmp_path, capsys):
     main(["quantize", str(path), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", str(calib),
           "--calib-samples", "4", "--calib-seqlen", "64", "--out", str(tmp_path / "cli")])
     assert "gptq int4-g32-asym-int" in capsys.readouterr().out
+    main(["quantize", str(path), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", str(calib),
+          "--calib-samples", "4", "--calib-seqlen", "64", "--mse", "--sink-weight", "64", "--desc-act",
+          "--out", str(tmp_path / "cli-opts")])
+    import json
+    settings = json.dumps(json.loads((tmp_path / "cli-opts" / "exa.json").read_text()))
+    assert '"mse": true' in settings and '"sink_weight": 64.0' in settings    # recorded with the run
+    with pytest.raises(ValueError, match="sink_weight"):
+        exa.Quantize(str(path), method="gptq", sink_weight=0)
     with exa.Inference(str(tmp_path / "cli"), device="cpu", progress=False) as llm:
         assert isinstance(llm.generate("the city", max_new_tokens=3), str)
 
