@@ -27,6 +27,7 @@ class GPTQInference:
         group_size: GPTQ group size (-1 = per channel).
         desc_act: act-order.
         damp_percent: Hessian dampening.
+        mse, sink_weight: clipping search and attention-sink weighting (see ``exa.Quantize``).
         calibration_samples, calibration_seqlen: number and length of the calibration windows.
         cache_dir: where quantized checkpoints are kept (default: the exa cache directory).
         **inference_kwargs: passed to ``exa.Inference`` (offload, max_gpu_memory, device, ...).
@@ -35,7 +36,7 @@ class GPTQInference:
     def __init__(self, model_id: str | None = None, quantization_config_bits: int = 4,
                  quantization_config_dataset: str | Sequence[str] | None = None, max_length: int = 500, *,
                  group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
-                 calibration_samples: int = 128, calibration_seqlen: int = 512,
+                 mse: bool = False, sink_weight: float = 1.0, calibration_samples: int = 128, calibration_seqlen: int = 512,
                  cache_dir: str | Path | None = None, **inference_kwargs):
         from runtime.assets import default_model
         if quantization_config_bits not in (2, 3, 4, 8):
@@ -45,7 +46,8 @@ class GPTQInference:
         self.model_id = str(model_id if model_id is not None else default_model())
         self.bits, self.dataset, self.max_length = quantization_config_bits, quantization_config_dataset, max_length
         self.settings = dict(bits=quantization_config_bits, group_size=group_size, desc_act=desc_act,
-                             damp_percent=damp_percent, calibration_samples=calibration_samples,
+                             damp_percent=damp_percent, mse=mse, sink_weight=sink_weight,
+                             calibration_samples=calibration_samples,
                              calibration_seqlen=calibration_seqlen)
         self._cache_root = Path(cache_dir) if cache_dir else None
         self.inference_kwargs = inference_kwargs
@@ -75,7 +77,8 @@ class GPTQInference:
         q = Quantize(self.model_id, bits=s["bits"], group_size=s["group_size"], method="gptq",
                      calibration=self.dataset, calibration_samples=s["calibration_samples"],
                      calibration_seqlen=s["calibration_seqlen"], damp_percent=s["damp_percent"],
-                     desc_act=s["desc_act"], device=self.inference_kwargs.get("device"))
+                     desc_act=s["desc_act"], mse=s["mse"], sink_weight=s["sink_weight"],
+                     device=self.inference_kwargs.get("device"))
         return q.save(out, progress=progress)
 
     @property
