@@ -86,12 +86,9 @@ def _model(a) -> str:
 
 def _engine_steps(engine, ids, new_tokens):
     """Greedy steps over ``engine`` with a timestamp after each: (tokens [B, n], times)."""
-    from runtime.generate import Sampling, generate_steps
-    steps = getattr(engine, "generate_steps", None)
-    args = (ids, torch.ones_like(ids), new_tokens, Sampling(), set(), 0)
-    it = steps(*args) if steps is not None else generate_steps(engine, *args)
+    from runtime.generate import Sampling, engine_steps
     toks, stamps, t0 = [], [], time.perf_counter()
-    for nxt in it:
+    for nxt in engine_steps(engine, ids, torch.ones_like(ids), new_tokens, Sampling(), set(), 0):
         toks.append(nxt)
         stamps.append(time.perf_counter() - t0)
     return torch.stack(toks, 1), stamps

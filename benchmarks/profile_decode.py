@@ -22,11 +22,9 @@ from runtime.units import parse_size  # noqa: E402
 
 
 def _steps(engine, ids, n):
-    from runtime.generate import Sampling, generate_steps
+    from runtime.generate import Sampling, engine_steps
     stamps = []
-    own = getattr(engine, "generate_steps", None)           # a pipeline drives its own steps
-    args = (ids, torch.ones_like(ids), n + 1, Sampling(), set(), 0)
-    for _ in (own(*args) if own is not None else generate_steps(engine, *args)):
+    for _ in engine_steps(engine, ids, torch.ones_like(ids), n + 1, Sampling(), set(), 0):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())

@@ -9,7 +9,7 @@ import torch
 from runtime.assets import default_model
 from runtime.checkpoint import open_checkpoint
 from runtime.engine import Engine
-from runtime.generate import Sampling, generate_steps
+from runtime.generate import Sampling, engine_steps
 from runtime.quant.spec import spec_from_name
 from runtime.units import parse_size
 
@@ -211,7 +211,7 @@ class Inference:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         eos = {eos_token_id} if eos_token_id is not None else set()
         pad = eos_token_id if eos_token_id is not None else 0
-        steps = list(_steps(self.engine, input_ids, mask, max_new_tokens,
+        steps = list(engine_steps(self.engine, input_ids, mask, max_new_tokens,
                             Sampling(temperature, top_k, top_p, seed), eos, pad))
         return torch.stack(steps, dim=1) if steps else input_ids.new_zeros(input_ids.shape[0], 0)
 
@@ -257,7 +257,7 @@ class Inference:
         new: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
         texts = [""] * len(prompts)
-        steps = _steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+        steps = engine_steps(self.engine, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                        Sampling(temperature, top_k, top_p, seed), eos_ids, self.tokenizer.pad_token_id)
         t0 = time.perf_counter()
         st = {"prompt_tokens": int(enc["attention_mask"].sum()), "new_tokens": 0,
@@ -282,12 +282,6 @@ class Inference:
             if all(finished):
                 steps.close()
                 return
-
-
-def _steps(engine, *args):
-    """The decode loop: the engine's own (a pipeline re-runs failed requests) or the generic one."""
-    own = getattr(engine, "generate_steps", None)
-    return own(*args) if own is not None else generate_steps(engine, *args)
 
 
 def _pipeline(ckpt, path: str, cluster, retry: bool, *, quant, skip_modules, **kw):

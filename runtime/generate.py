@@ -73,6 +73,13 @@ def _check_kv_budget(engine, batch: int, length: int) -> None:
             "max_context or batch_size, or ask for fewer tokens")
 
 
+def engine_steps(engine, *args) -> Iterator[torch.Tensor]:
+    """The decode loop of ``engine``: its own when it has one (a pipeline re-runs failed
+    requests), else ``generate_steps``; same arguments and tokens."""
+    own = getattr(engine, "generate_steps", None)
+    return own(*args) if own is not None else generate_steps(engine, *args)
+
+
 def generate_steps(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                    sampling: Sampling, eos_ids: set[int], pad_id: int) -> Iterator[torch.Tensor]:
     """Yield the next token of every sequence (``[B]``, CPU) each step.
