@@ -288,26 +288,3 @@ def test_bad_cluster_argument_is_a_clear_error(reference):
         exa.Inference(str(reference[0]), cluster=3, progress=False)
     with pytest.raises(ValueError, match="names no device"):
         exa.Inference(str(reference[0]), cluster=[], progress=False)
-
-
-def test_a_failed_ray_client_connection_is_tried_once_more(monkeypatch):
-    """Ray's client server can lose the per-client process it starts (seen once under load in a
-    CI-like run); connect() retries a ray:// address once, and does not retry other failures."""
-    import ray
-
-    from runtime.distributed import transport
-    calls = []
-
-    def init(**kw):
-        calls.append(kw["address"])
-        if len(calls) == 1:
-            raise ConnectionAbortedError("Initialization failure from server")
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", init)
-    with pytest.warns(RuntimeWarning, match="trying once more"):
-        assert transport.connect("ray://127.0.0.1:10001") is True
-    assert calls == ["ray://127.0.0.1:10001"] * 2
-    calls.clear()
-    monkeypatch.setattr(ray, "init", lambda **kw: (_ for _ in ()).throw(ConnectionAbortedError("no")))
-    with pytest.raises(ConnectionAbortedError):
-        transport.connect("127.0.0.1:6379")             # a GCS address: not retried

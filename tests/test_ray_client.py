@@ -67,7 +67,7 @@ def test_cluster_address_equals_single_process(head, kind, tiny_models):
         except ConnectionError as e:
             # Ray's client server starts one server process per client; in some full-suite runs on
             # the 2-core CI machine that process exits at once (empty log, before any exa code runs
-            # there), also on exa's second try. Not an exa result either way: say so, don't fail.
+            # there; a second connect failed the same way). Not an exa result: say so, don't fail.
             if kind == "client" and "Starting Ray client server failed" in str(e):
                 pytest.skip(f"Ray's client server could not start a server for this client: {str(e)[-200:]}")
             raise

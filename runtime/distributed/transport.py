@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -210,17 +209,7 @@ def connect(address: str = "auto") -> bool:
         raise ImportError("cluster= needs Ray: pip install 'exa[ray]' (or 'ray[default]>=2.9')") from None
     if ray.is_initialized():
         return False
-    kw = dict(address=None if address == "auto" else address, logging_level="WARNING")
-    try:
-        ray.init(**kw)
-    except ConnectionError as e:     # e.g. ConnectionAbortedError: a Ray client server's per-client
-        if not str(address).startswith("ray://"):   # process exited while starting (seen under load)
-            raise
-        warnings.warn(f"exa: connecting to {address} failed ({_first_line(e)}); trying once more",
-                      RuntimeWarning, stacklevel=2)
-        if ray.is_initialized():
-            ray.shutdown()
-        ray.init(**kw)
+    ray.init(address=None if address == "auto" else address, logging_level="WARNING")
     return True
 
 
