@@ -176,11 +176,16 @@ def worker(a) -> dict:
         kw.pop("max_gpu_memory", None)
         kw["device"] = "cpu"
     prompt, new, batches = cfg["prompt"], cfg["new"], cfg.get("batches", [1])
+    t = time.perf_counter()              # the libraries exa.Inference uses: imported here, so the
+    import transformers                  # in-process TTFT below is loading + first token alone
+    from transformers.models.llama import modeling_llama  # noqa: F401
+    transformers_s = time.perf_counter() - t
     startup_s = time.time() - cfg["spawn"]                   # interpreter + imports
     t0 = time.perf_counter()
     llm = exa.Inference(str(_ckpt(a)), offload="auto", max_context=prompt + new + 8, batch_size=max(batches),
                         progress=False, offload_dir=str(Path(a.dir) / "offload"), **kw)
-    res = {"name": cfg["name"], "kw": kw, "load_s": time.perf_counter() - t0, "startup_s": startup_s}
+    res = {"name": cfg["name"], "kw": kw, "load_s": time.perf_counter() - t0, "startup_s": startup_s,
+           "transformers_import_s": transformers_s}
     p = llm.plan
     res["plan"] = {"bytes_by_tier": p.bytes_by_tier(), "embed_bytes": sum(b.nbytes for b in p.blocks if b.kind == "embed"), "device_bytes": p.device_bytes, "budget": p.budgets.device,
                    "pinned_budget": p.budgets.cpu, "decode_tok_s": p.decode_tok_s, "prefill_tok_s": p.prefill_tok_s,

@@ -37,6 +37,7 @@ from runtime.tiers.files import FileBlocks
 from runtime.tiers.gpu import GpuTier
 from runtime.tiers.pinned import PinnedPool
 from runtime.units import parse_size
+from runtime.verified import Verified
 
 STORE_VERSION = 1
 
@@ -209,7 +210,7 @@ class Engine:
 
         todo = [b for b in self.blocks if p.is_resident(b.name) or b.name in hosts]
         bar = tqdm(total=len(todo), desc="loading blocks", unit="block", disable=not self.progress)
-        for b, buf in load_blocks(self.ckpt, todo, dest, pin_staging=gpu is not None):
+        for b, buf in load_blocks(self.ckpt, todo, dest, pin_staging=gpu is not None, verified=Verified()):
             if b.name in p.host_compute:
                 host_embeds[b.name] = HostEmbed(b, hosts[b.name][: b.nbytes], self.device)
             elif b.name in hosts:
@@ -259,8 +260,10 @@ class Engine:
         direct = {n: direct_source(self.ckpt, self._block(n)) for n in names}
         if all(direct.values()):
             blocks = [self._block(n) for n in names]
-            bar = tqdm(total=len(names), desc="verifying disk blocks", unit="block", disable=not self.progress)
-            for _ in load_blocks(self.ckpt, blocks, lambda b: None):       # sha256 of each, in parallel
+            verified = Verified()
+            check = [b for b in blocks if verified.needed(direct[b.name][0], direct[b.name][2])]
+            bar = tqdm(total=len(check), desc="verifying disk blocks", unit="block", disable=not self.progress)
+            for _ in load_blocks(self.ckpt, check, lambda b: None, verified=verified):   # sha256, in parallel
                 bar.update()
             bar.close()
             return FileBlocks({b.name: (direct[b.name][0], direct[b.name][1], b.nbytes) for b in blocks})

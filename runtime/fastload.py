@@ -22,9 +22,14 @@ import torch
 
 from runtime.checkpoint import CheckpointError
 from runtime.loader import BlockDef, pack_block
+from runtime.tiers import aligned_empty
+from runtime.verified import Verified
 
 CHUNK = 64 << 20
 DEFAULT_READERS = max(2, min(16, os.cpu_count() or 1))      # reading and hashing scale with cores
+SPLIT = 256 << 20        # unhashed blocks larger than this are read in pieces of this size ...
+PIECE_THREADS = 4        # ... by this many threads
+MAX_STAGING = 8          # staging buffers (blocks on their way to the GPU) read ahead at most
 
 
 def direct_source(ckpt, block: BlockDef) -> tuple[Path, int, str] | None:
@@ -41,32 +46,58 @@ def direct_source(ckpt, block: BlockDef) -> tuple[Path, int, str] | None:
     return shard, 8 + struct.unpack("<Q", head)[0], row["sha256"]
 
 
-def read_into(shard: Path, offset: int, sha256: str, out: torch.Tensor) -> None:
-    """Read ``out.numel()`` bytes of ``shard`` at ``offset`` into ``out``; check their sha256."""
+def read_into(shard: Path, offset: int, sha256: str, out: torch.Tensor,
+              verified: Verified | None = None) -> None:
+    """Read ``out.numel()`` bytes of ``shard`` at ``offset`` into ``out``; check their sha256
+    unless ``verified`` knows the shard already matched it (then it is marked when it does).
+
+    Hashing is sequential, so a hashed block is read by this thread alone; a block that needs no
+    hashing and is larger than ``SPLIT`` is read in ``SPLIT`` pieces by ``PIECE_THREADS``
+    threads (an embedding or head block of 2 GB would otherwise hold back the in-order loader).
+    """
     mv = memoryview(out.numpy()).cast("B")
-    h, pos, n = hashlib.sha256(), 0, len(mv)
+    check = verified is None or verified.needed(shard, sha256)
+    h, n = (hashlib.sha256() if check else None), len(mv)
     fd = os.open(shard, os.O_RDONLY)
     try:
-        while pos < n:
-            got = os.preadv(fd, [mv[pos:min(n, pos + CHUNK)]], offset + pos)
-            if got <= 0:
-                raise CheckpointError(f"shard {shard} is truncated: {pos} of {n} bytes of its block")
-            h.update(mv[pos:pos + got])
-            pos += got
+        if h is None and n > SPLIT:
+            with ThreadPoolExecutor(PIECE_THREADS, thread_name_prefix="exa-piece") as ex:
+                list(ex.map(lambda lo: _read_range(fd, shard, mv, offset, lo, min(n, lo + SPLIT)),
+                            range(0, n, SPLIT)))
+        else:
+            _read_range(fd, shard, mv, offset, 0, n, h)
     finally:
         os.close(fd)
+    if h is None:
+        return
     if h.hexdigest() != sha256:
         raise CheckpointError(f"shard {shard} is corrupted: its sha256 does not match the manifest")
+    if verified is not None:
+        verified.mark(shard, sha256)
+
+
+def _read_range(fd: int, shard: Path, mv: memoryview, offset: int, lo: int, hi: int, h=None) -> None:
+    pos = lo
+    while pos < hi:
+        got = os.preadv(fd, [mv[pos:min(hi, pos + CHUNK)]], offset + pos)
+        if got <= 0:
+            raise CheckpointError(f"shard {shard} is truncated: {pos} of {len(mv)} bytes of its block")
+        if h is not None:
+            h.update(mv[pos:pos + got])
+        pos += got
 
 
 def load_blocks(ckpt, blocks: Iterable[BlockDef], dest: Callable[[BlockDef], torch.Tensor | None],
-                readers: int = DEFAULT_READERS, pin_staging: bool = False) -> Iterator[tuple[BlockDef, torch.Tensor]]:
+                readers: int = DEFAULT_READERS, pin_staging: bool = False,
+                verified: Verified | None = None) -> Iterator[tuple[BlockDef, torch.Tensor]]:
     """Yield ``(block, buffer)`` in order, each buffer holding the block's packed bytes.
 
     ``dest(block)`` gives the block's final host buffer (e.g. a pinned-pool slice), or None: then
     the bytes land in a staging buffer that is valid only until the next item is requested
     (the caller copies it to the GPU), or, for blocks read by ``pack_block``, a fresh buffer.
-    Up to ``readers`` blocks are read ahead.
+    Up to ``readers`` blocks are read ahead, at most ``MAX_STAGING`` of them into staging
+    buffers. ``verified``: shards already known to match their sha256 are not hashed again
+    (``runtime.verified``); None hashes every shard.
     """
     blocks = list(blocks)
     direct = {b.name: direct_source(ckpt, b) for b in blocks}
@@ -77,15 +108,23 @@ def load_blocks(ckpt, blocks: Iterable[BlockDef], dest: Callable[[BlockDef], tor
         return
     free: deque[torch.Tensor] = deque()
     staging = max((b.nbytes for b in blocks if direct[b.name]), default=0)
+    made = 0
 
-    def stage() -> torch.Tensor:
-        return free.popleft() if free else torch.empty(staging, dtype=torch.uint8, pin_memory=pin_staging)
+    def stage() -> torch.Tensor | None:
+        nonlocal made
+        if free:
+            return free.popleft()
+        if made >= MAX_STAGING:
+            return None
+        made += 1
+        return aligned_empty(staging, pin=pin_staging)
 
     pending: deque = deque()
+    held: list = []                                  # the next block, waiting for a staging buffer
     it = iter(blocks)
     with ThreadPoolExecutor(max_workers=max(1, readers), thread_name_prefix="exa-load") as pool:
         def submit() -> bool:
-            b = next(it, None)
+            b = held.pop() if held else next(it, None)
             if b is None:
                 return False
             src, out = direct[b.name], dest(b)
@@ -93,8 +132,11 @@ def load_blocks(ckpt, blocks: Iterable[BlockDef], dest: Callable[[BlockDef], tor
                 pending.append((b, None, out, None))
                 return True
             full = stage() if out is None else None
+            if out is None and full is None:
+                held.append(b)
+                return False
             buf = (out if full is None else full)[: b.nbytes]
-            pending.append((b, pool.submit(read_into, *src, buf), buf, full))
+            pending.append((b, pool.submit(read_into, *src, buf, verified), buf, full))
             return True
 
         for _ in range(max(1, readers)):
@@ -109,4 +151,7 @@ def load_blocks(ckpt, blocks: Iterable[BlockDef], dest: Callable[[BlockDef], tor
             yield b, buf
             if full is not None:
                 free.append(full)
-            submit()
+            while len(pending) < max(1, readers) and submit():
+                pass
+    if verified is not None:
+        verified.save()

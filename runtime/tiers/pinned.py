@@ -131,10 +131,14 @@ class PinnedPool:
                 total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not show, leave=False,
             )
-            with bar:
+            with bar:           # one region, carved into the chunks: pinned at once (faster)
+                region = aligned_empty(total, ALIGN, pin=self.pinned)
+                at = 0
                 for size in sizes:
-                    self._new_chunk(size)
-                    bar.update(size)
+                    self._chunks.append(_Chunk(region[at : at + size]))
+                    self._reserved += size
+                    at += size
+                bar.update(total)
 
     def _pack(self, block_sizes: Sequence[int]) -> list[int]:
         """Group block sizes (in order) into chunk sizes of at most ``chunk_bytes``."""
