@@ -99,17 +99,56 @@ SIMT_CASES = [c for c in CASES if c[0] != 3]
 @interp_only
 @pytest.mark.parametrize("bits,group,mode", SIMT_CASES)
 def test_int_gemv_simt_interpreted(K, bits, group, mode):
-    """The CUDA-core GEMV (M <= 4, 2/4/8 bits), with and without split K, M below BLOCK_M."""
+    """The CUDA-core GEMV (M <= 4, 2/4/8 bits), M below BLOCK_M, cycling through its variants:
+    FADD-free codes or not, prefetch, persistent grid, 128/64/32-bit chunks, BLOCK_K, split K,
+    evict-first (each (bits, mode) gets both code paths)."""
     i = SIMT_CASES.index((bits, group, mode))
     N, Kd = (48, 128, 64)[i % 3], (256, 128)[i % 2]
     M, bm, dtype = ((1, 1), (3, 4), (2, 2))[i % 3] + (DTYPES[(i + 1) % 3],)
     split = (1, 2)[i % 2]
+    bk = 128 if i % 3 == 2 and Kd % (128 * split) == 0 else 64
+    cfg = K.int_gemv_simt.simt_cfg(16, bk, sk=split, bm=bm, vec=(4, 4, 2, 1)[i % 4],
+                                   offset=(i // 3) % 2 == 0, evict=i % 7 != 3,
+                                   persist=int(i % 5 == 0), pf=i % 2)
     spec = _spec(bits, group, mode)
     g = _gen("simt", bits, group, mode)
     t = R.random_quantized(spec, N, Kd, generator=g)
     x = torch.randn(M, Kd, generator=g).to(dtype)
-    _tiny(K.int_gemv, K.int_gemv_simt.simt_cfg(16, 64, sk=split, bm=bm))
+    _tiny(K.int_gemv, cfg)
     _check(K.int_gemv.int_gemv, x, t, spec, N, Kd, TOL[dtype])
+
+
+@interp_only
+@pytest.mark.parametrize("mb", [1, 2, 4])
+def test_int_gemv_simt_candidates_interpreted(K, mb):
+    """Every config the autotuner may pick for the CUDA-core GEMV (int4 g128 uint8 zeros, the
+    GPTQ grid), bf16, M = the bucket's largest or smallest, a partial row tile; K as short as
+    the config allows (two K steps with prefetch)."""
+    spec, N = _spec(4, 128, "int"), 40
+    g = _gen("simt-cands", mb)
+    cands = K.int_gemv_simt.simt_candidates(mb, 4)
+    assert cands
+    for j, cfg in enumerate(cands):
+        Kd = cfg["BLOCK_K"] * cfg["SPLIT_K"] * (1 + cfg["PREFETCH"])
+        assert K.int_gemv_simt.simt_valid(cfg, mb, Kd, 4, 128)
+        t = R.random_quantized(spec, N, Kd, generator=g)
+        x = torch.randn((mb, max(1, mb // 2 + 1))[j % 2], Kd, generator=g).to(torch.bfloat16)
+        _tiny(K.int_gemv, cfg)
+        _check(K.int_gemv.int_gemv, x, t, spec, N, Kd, TOL[torch.bfloat16])
+
+
+@interp_only
+def test_int_gemv_simt_groups_across_steps_and_x_views(K):
+    """K steps smaller than a group with split-K slices that start mid-group (the group of each
+    chunk is recomputed per step), and activations that are a view at an odd offset (read as
+    int64 words: copied first), fp16 and fp32."""
+    spec, N, Kd = _spec(4, 128, "int"), 40, 384
+    g = _gen("simt-steps")
+    t = R.random_quantized(spec, N, Kd, generator=g)
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(2, Kd + 1, generator=g).to(dtype)[:, 1:]
+        _tiny(K.int_gemv, K.int_gemv_simt.simt_cfg(16, 64, sk=2, bm=2, pf=1))
+        _check(K.int_gemv.int_gemv, x, t, spec, N, Kd, TOL[dtype])
 
 
 @interp_only
@@ -274,14 +313,18 @@ def test_gpu_every_int_format(one_config, bits, group, mode):
 @pytest.mark.cuda
 @pytest.mark.parametrize("bits,group,mode", SIMT_CASES[::2])
 def test_gpu_simt_every_int_format(bits, group, mode):
-    """The CUDA-core GEMV compiled for half the 2/4/8-bit formats, M = 1..4, split K 1 and 2."""
+    """The CUDA-core GEMV compiled for half the 2/4/8-bit formats, M = 1..4, split K 1 and 2,
+    FADD-free codes or not, prefetch and persistent grid on one of the two configs each."""
     from runtime.kernels import int_gemv
     from runtime.kernels.int_gemv_simt import simt_cfg
     spec = _spec(bits, group, mode)
+    i = SIMT_CASES.index((bits, group, mode))
     saved = int_gemv.TUNER.override, dict(int_gemv.TUNER.cache)
     try:
         for M, bm, sk, dtype in ((1, 1, 1, torch.bfloat16), (3, 4, 2, torch.float16)):
-            int_gemv.TUNER.override, int_gemv.TUNER.cache = [simt_cfg(32, 256, sk=sk, bm=bm)], {}
+            cfg = simt_cfg(32, 256, sk=sk, bm=bm, offset=(i // 2 + sk) % 2 == 0, pf=sk - 1,
+                           persist=4 * (sk == 1 and i % 4 == 0))
+            int_gemv.TUNER.override, int_gemv.TUNER.cache = [cfg], {}
             err = _gpu_case(spec, 512, 1024, M, dtype, seed=bits + M)
             assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), f"{spec.name} M={M}: {err:.2e}"
     finally:
