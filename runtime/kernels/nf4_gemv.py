@@ -5,6 +5,9 @@ cores, every weight byte read once as part of an int32 word. A byte holds two co
 up whole in a 256-entry table of value pairs (``nf4_tile``) and scaled by its block's absmax.
 Double-quantized absmax (uint8 codes over the dynamic map, float32 absmax2 per 256 blocks, an
 offset) is decoded in the kernel, per row and block, from the packed tensors directly.
+
+At M <= 4 the CUDA-core kernel of ``nf4_gemv_simt`` (a 16-entry lookup per code by warp shuffle,
+no dequantized tile) joins the candidates (configs marked ``SIMT``); the tuner times both.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels.common import check_nf4_inputs, group_of
+from runtime.kernels.nf4_gemv_simt import simt_candidates, simt_gemv, simt_valid
 from runtime.kernels.reference import code_table, dynamic_map
 from runtime.kernels.tl_dequant import dot_acc, load_xt, nf4_absmax, nf4_tile
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
@@ -36,6 +40,14 @@ def lut(fmt: str, dtype: torch.dtype, device) -> torch.Tensor:
             hi = second.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
             tab = (lo | (hi << 16)).to(torch.int32)
         _TABLES[key] = tab.to(device)
+    return _TABLES[key]
+
+
+def codes(fmt: str, device) -> torch.Tensor:
+    """The 16 float32 code values (for ``nf4_gemv_simt`` in the CPU interpreter)."""
+    key = (fmt, "codes", str(device))
+    if key not in _TABLES:
+        _TABLES[key] = code_table(fmt).to(device)
     return _TABLES[key]
 
 
@@ -94,10 +106,13 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, bm=16):
 def candidates(M: int) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key)."""
     return [_cfg(64, 256), _cfg(32, 256), _cfg(64, 256, sk=2), _cfg(64, 256, sk=4),
-            _cfg(32, 256, sk=4), _cfg(64, 256, sk=8), _cfg(32, 128, sk=8), _cfg(64, 64)]
+            _cfg(32, 256, sk=4), _cfg(64, 256, sk=8), _cfg(32, 128, sk=8), _cfg(64, 64)] \
+        + simt_candidates(M)
 
 
 def _valid(cfg: dict, M: int, K: int, group: int) -> bool:
+    if cfg.get("SIMT"):
+        return simt_valid(cfg, M, K, group)
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
     subk = min(bk, group)
     return not (K % (bk * sk) or group % subk or bk % subk or subk < 16 or cfg["BLOCK_M"] < M)
@@ -106,17 +121,20 @@ def _valid(cfg: dict, M: int, K: int, group: int) -> bool:
 def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
     M = x.shape[0]
-    a, aq, a2, dm, off = absmax_args(t, spec, N, K, x.device)
+    absmax = absmax_args(t, spec, N, K, x.device)
     sk = cfg["SPLIT_K"]
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    g = group_of(spec, K)
+    qw = t["qweight"].view(torch.int32)
+    if cfg.get("SIMT"):
+        return simt_gemv(x, qw, absmax, codes(spec.fmt, x.device), out, N, K, g, spec.fmt,
+                         spec.double_quant, interpreting(), cfg)
     dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), sk)
-    _nf4_gemv_kernel[grid](
-        x, t["qweight"].view(torch.int32), a, aq, a2, dm, off, lut(spec.fmt, x.dtype, x.device),
-        dst, M, N, K, K // group_of(spec, K), x.stride(0), dst.stride(-2), GROUP=group_of(spec, K),
-        DQ=spec.double_quant, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interpreting(),
+    _nf4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
+        x, qw, *absmax, lut(spec.fmt, x.dtype, x.device), dst, M, N, K, K // g, x.stride(0),
+        dst.stride(-2), GROUP=g, DQ=spec.double_quant, BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if sk != 1:
         out.copy_(dst.sum(0))

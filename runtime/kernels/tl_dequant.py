@@ -289,15 +289,36 @@ def dot_acc(a, b, acc, INTERP: tl.constexpr):
 
 
 @triton.jit
-def nf4_absmax(a_ptr, aq_ptr, a2_ptr, dmap_ptr, off_ptr, rows, gi, G, DQ: tl.constexpr):
-    """float32 absmax [BN, 1] of block ``gi`` of every row (undoing double quantization)."""
-    bidx = rows * G + gi
+def nf4_absmax_raw(a_ptr, aq_ptr, a2_ptr, bidx, DQ: tl.constexpr):
+    """The stored absmax data of the blocks at flat indices ``bidx`` (any shape), for
+    ``nf4_absmax_fin``: (absmax, absmax), or with double quantization (code, absmax2)."""
     if DQ:
-        q = tl.load(aq_ptr + bidx).to(tl.int32)
-        a = tl.load(dmap_ptr + q) * tl.load(a2_ptr + bidx // 256) + tl.load(off_ptr)
+        return tl.load(aq_ptr + bidx).to(tl.int32), tl.load(a2_ptr + bidx // 256)
     else:
         a = tl.load(a_ptr + bidx)
-    return a[:, None]
+        return a, a
+
+
+@triton.jit
+def nf4_absmax_fin(r0, r1, dmap_ptr, off_ptr, DQ: tl.constexpr):
+    """float32 absmax from ``nf4_absmax_raw`` (undoing double quantization)."""
+    if DQ:
+        return tl.load(dmap_ptr + r0) * r1 + tl.load(off_ptr)
+    else:
+        return r0
+
+
+@triton.jit
+def nf4_absmax_at(a_ptr, aq_ptr, a2_ptr, dmap_ptr, off_ptr, bidx, DQ: tl.constexpr):
+    """float32 absmax of the blocks at flat indices ``bidx`` (any shape; undoing double quant)."""
+    r0, r1 = nf4_absmax_raw(a_ptr, aq_ptr, a2_ptr, bidx, DQ)
+    return nf4_absmax_fin(r0, r1, dmap_ptr, off_ptr, DQ)
+
+
+@triton.jit
+def nf4_absmax(a_ptr, aq_ptr, a2_ptr, dmap_ptr, off_ptr, rows, gi, G, DQ: tl.constexpr):
+    """float32 absmax [BN, 1] of block ``gi`` of every row (undoing double quantization)."""
+    return nf4_absmax_at(a_ptr, aq_ptr, a2_ptr, dmap_ptr, off_ptr, rows * G + gi, DQ)[:, None]
 
 
 @triton.jit
