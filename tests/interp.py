@@ -14,6 +14,8 @@ import os
 import sys
 import types
 
+import pytest
+
 KERNEL_MODULES = ("runtime.kernels.tuning", "runtime.kernels.tl_dequant", "runtime.kernels.int_gemv_simt",
                   "runtime.kernels.int_gemv",
                   "runtime.kernels.int_gemm", "runtime.kernels.nf4_gemv_simt", "runtime.kernels.nf4_gemv",
@@ -88,3 +90,22 @@ def load_interpreted(names=KERNEL_MODULES) -> types.SimpleNamespace:
                 elif hasattr(pkg, short):
                     delattr(pkg, short)
     return ns
+
+
+def kernel_fixtures(interp_ok: bool):
+    """The fixtures of a test file of interpreted kernels: ``K`` (interpreted copies of the kernel
+    modules, skipping without the interpreter) and an autouse one setting TRITON_INTERPRET.
+    Use: ``K, _interpret_env = kernel_fixtures(INTERP_OK)`` at the file's top level."""
+    @pytest.fixture(scope="module")
+    def K():
+        """Interpreted copies of the kernel modules (CPU only)."""
+        if not interp_ok:
+            pytest.skip("needs the CPU interpreter")
+        return load_interpreted()
+
+    @pytest.fixture(autouse=True)
+    def _interpret_env(monkeypatch):
+        """Triton reads TRITON_INTERPRET lazily at launch as well: set it for these tests only."""
+        if interp_ok:
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return K, _interpret_env

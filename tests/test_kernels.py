@@ -17,7 +17,7 @@ import zlib
 import pytest
 import torch
 
-from interp import enable_interpreter, load_interpreted
+from interp import enable_interpreter, kernel_fixtures
 from runtime.kernels import reference as R
 from runtime.quant.spec import QuantSpec
 
@@ -53,19 +53,7 @@ def _check(fn, x, t, spec, N, K, tol):
     assert err < tol, f"{spec.name} M={x.shape[0]} N={N} K={K} {x.dtype}: rel err {err:.2e}"
 
 
-@pytest.fixture(scope="module")
-def K():
-    """Interpreted copies of the kernel modules (CPU only)."""
-    if not INTERP_OK:
-        pytest.skip("needs the CPU interpreter")
-    return load_interpreted()
-
-
-@pytest.fixture(autouse=True)
-def _interpret_env(monkeypatch):
-    """Triton reads TRITON_INTERPRET lazily at launch as well: set it for these tests only."""
-    if INTERP_OK:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+K, _interpret_env = kernel_fixtures(INTERP_OK)
 
 
 def _tiny(mod, cfg):
