@@ -109,7 +109,8 @@ def _pinned_empty(size: int, align: int) -> torch.Tensor:
     """
     if size == 0:
         return torch.empty(0, dtype=torch.uint8)
-    base = populated_empty(size + align)
+    how = os.environ.get("EXA_PINNED", "populate")       # "plain": malloc'd memory, registered
+    base = torch.empty(size + align, dtype=torch.uint8) if how == "plain" else populated_empty(size + align)
     if _host_register(base):  # the whole allocation, so torch's is_pinned() sees it
         skip = (-base.data_ptr()) % align
         return base[skip : skip + size]
