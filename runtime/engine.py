@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from runtime import hardware, planner
+from runtime.hardware import cache_dir
 from runtime.checkpoint import Checkpoint
 from runtime.executor import Executor
 from runtime.fastload import direct_source, load_blocks
@@ -40,10 +40,6 @@ from runtime.units import parse_size
 from runtime.verified import Verified
 
 STORE_VERSION = 1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EXA_CACHE_DIR", Path.home() / ".cache" / "exa"))
 
 
 def default_dtype(config, device: torch.device) -> torch.dtype:
