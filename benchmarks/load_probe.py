@@ -15,7 +15,6 @@ Measures, each in a fresh process where it matters:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import mmap
@@ -27,11 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))           # runtime.tiers, run from anywhere
 GiB = 1 << 30
 CHUNK = 64 << 20
-_libc = ctypes.CDLL(None)
-_libc.memset.restype = ctypes.c_void_p
-_libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 
 
 def _py(code: str, env: dict | None = None) -> float:
@@ -66,12 +63,6 @@ def imports(root: Path) -> dict:
     return out
 
 
-def _touch(addr: int, size: int, threads: int) -> None:
-    step = -(-size // threads) // 4096 * 4096 or 4096
-    with ThreadPoolExecutor(threads) as ex:                 # ctypes calls release the GIL
-        list(ex.map(lambda o: _libc.memset(addr + o, 0, min(step, size - o)), range(0, size, step)))
-
-
 def pin_one(method: str, gib: float) -> dict:
     """One pinning method in this process (call in a fresh process)."""
     import torch
@@ -83,20 +74,20 @@ def pin_one(method: str, gib: float) -> dict:
         bufs = [torch.empty(min(GiB, size - o), dtype=torch.uint8, pin_memory=True) for o in range(0, size, GiB)]
         res["alloc_s"] = time.perf_counter() - t
         src = bufs[0]
-    else:
-        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if "huge" in method:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    else:                                   # exa's own route (runtime.tiers.populated_empty) ...
         if "touch" in method:
-            _touch(addr, size, 16)
+            from runtime.tiers import populated_empty
+            buf = populated_empty(size, threads=16, huge="huge" in method)
+        else:                               # ... or untouched memory, faulted in by the driver
+            buf = torch.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS),
+                                   dtype=torch.uint8)
         res["touch_s"] = time.perf_counter() - t
         t2 = time.perf_counter()
-        err = torch.cuda.cudart().cudaHostRegister(addr, size, 0)
+        err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
         res["register_s"] = time.perf_counter() - t2
         res["register_err"] = int(err)
         res["alloc_s"] = time.perf_counter() - t
-        src = torch.frombuffer(m, dtype=torch.uint8, count=GiB)
+        src = buf[:GiB]
     res["GBps"] = size / res["alloc_s"] / 1e9
     dst = torch.empty(GiB, dtype=torch.uint8, device="cuda")
     dst.copy_(src, non_blocking=True)

@@ -128,18 +128,18 @@ _libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 _TOUCH_MIN = 64 << 20        # below this one thread faults the pages in
 
 
-def populated_empty(size: int, threads: int | None = None) -> torch.Tensor:
+def populated_empty(size: int, threads: int | None = None, huge: bool = True) -> torch.Tensor:
     """``size`` bytes of page-aligned host memory whose pages are already faulted in.
 
     An anonymous mapping (its own, so it goes back to the OS when the last view dies), with
     transparent huge pages asked for (``MADV_HUGEPAGE``: 512x fewer page faults and, when it
     is pinned later, fewer pages to lock), written once by ``threads`` threads in parallel
-    (``memset`` through ctypes releases the GIL). Contents are zero.
+    (``memset`` through ctypes releases the GIL). Contents are zero. ``huge=False``: 4 KiB pages.
     """
     if size <= 0:
         return torch.empty(0, dtype=torch.uint8)
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             m.madvise(mmap.MADV_HUGEPAGE)
         except OSError:  # THP off in this kernel: plain pages
