@@ -8,7 +8,8 @@ tile; the dequant is amortized over BLOCK_M rows of x. Two orientations are tune
 * SWAP True:  ``acc [BN, BM] += W [BN, BK] @ x.T`` (W straight from registers as the A operand).
 
 Programs are ordered in groups of GROUP_M row tiles so that concurrently running programs share
-weight tiles in L2.
+weight tiles in L2. From M bucket DEQUANT_MIN_M the tuner also times dequantize + cuBLAS
+(``dequant.py``) and keeps whichever is faster.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import triton.language as tl
 
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile
+from runtime.kernels.dequant import dequant_candidates, dequant_matmul
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
 TUNER = Tuner("int_gemm")
+DEQUANT_MIN_M = 128       # M buckets from here also time dequantize + cuBLAS (dequant.py)
 
 
 @triton.jit
@@ -93,10 +96,12 @@ def candidates(M: int, bits: int) -> list[dict]:
     return [_cfg(128, 128, 64, False, 8, 3), _cfg(128, 128, 64, True, 8, 3),
             _cfg(256, 128, 64, True, 8, 3), _cfg(128, 128, 128, False, 8, 2),
             _cfg(128, 64, 64, True, 4, 4), _cfg(256, 128, 64, True, 8, 4, gm=16),
-            _cfg(128, 256, 64, True, 8, 3)]
+            _cfg(128, 256, 64, True, 8, 3)] + (dequant_candidates() if M >= DEQUANT_MIN_M else [])
 
 
 def _valid(cfg: dict, N: int, K: int, bits: int, group: int) -> bool:
+    if cfg.get("DEQUANT"):
+        return True                      # every shape dispatch.supported admits
     cpw = 16 if bits == 3 else 32 // bits
     bk = cfg["BLOCK_K"]
     subk = min(bk, group)
@@ -107,6 +112,8 @@ def _valid(cfg: dict, N: int, K: int, bits: int, group: int) -> bool:
 
 def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
+    if cfg.get("DEQUANT"):
+        return dequant_matmul(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     g = group_of(spec, K)
     mode = mode_of(spec)

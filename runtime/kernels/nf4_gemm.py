@@ -3,6 +3,7 @@
 Same tiling as ``int_gemm`` (grouped program order, pipelined x tiles, SWAP between
 ``x @ W.T`` and ``(W @ x.T).T``); the weight tile comes from ``nf4_tile`` (a 256-entry table of
 value pairs per byte, times the block's absmax, double quantization decoded in the kernel).
+From M bucket DEQUANT_MIN_M the tuner also times dequantize + cuBLAS (``dequant.py``).
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import triton
 import triton.language as tl
 
 from runtime.kernels.common import check_nf4_inputs, group_of
-from runtime.kernels.int_gemm import tile_ids
+from runtime.kernels.int_gemm import DEQUANT_MIN_M, tile_ids
 from runtime.kernels.nf4_gemv import absmax_args, lut
 from runtime.kernels.tl_dequant import dot_acc, nf4_absmax, nf4_tile
+from runtime.kernels.dequant import dequant_candidates, dequant_matmul
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -74,10 +76,13 @@ def candidates(M: int) -> list[dict]:
                 _cfg(64, 64, 64, True, 4, 4), _cfg(32, 64, 128, True, 4, 3)]
     return [_cfg(128, 128, 64, True, 8, 3), _cfg(256, 128, 64, True, 8, 3),
             _cfg(128, 64, 64, True, 4, 4), _cfg(256, 64, 64, True, 8, 4),
-            _cfg(128, 256, 64, True, 8, 3), _cfg(256, 128, 64, True, 8, 4, gm=16)]
+            _cfg(128, 256, 64, True, 8, 3), _cfg(256, 128, 64, True, 8, 4, gm=16)] \
+        + (dequant_candidates() if M >= DEQUANT_MIN_M else [])
 
 
 def _valid(cfg: dict, K: int, group: int) -> bool:
+    if cfg.get("DEQUANT"):
+        return True
     bk = cfg["BLOCK_K"]
     subk = min(bk, group)
     return not (K % bk or group % subk or bk % subk or subk < 16)
@@ -85,6 +90,8 @@ def _valid(cfg: dict, K: int, group: int) -> bool:
 
 def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
+    if cfg.get("DEQUANT"):
+        return dequant_matmul(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     a, aq, a2, dm, off = absmax_args(t, spec, N, K, x.device)
     if out is None:
