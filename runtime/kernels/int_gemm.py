@@ -8,7 +8,8 @@ tile; the dequant is amortized over BLOCK_M rows of x. Two orientations are tune
 * SWAP True:  ``acc [BN, BM] += W [BN, BK] @ x.T`` (W straight from registers as the A operand).
 
 Programs are ordered in groups of GROUP_M row tiles so that concurrently running programs share
-weight tiles in L2. From M bucket DEQUANT_MIN_M the tuner also times dequantize + cuBLAS
+weight tiles in L2. SPLIT_K > 1 (for long K and few tiles: more programs per SM) writes
+float32 partial sums, added afterwards in a fixed order (deterministic). From M bucket DEQUANT_MIN_M the tuner also times dequantize + cuBLAS
 (``dequant.py``) and keeps whichever is faster.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
                      stride_qw, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr):
+                     GROUP_M: tl.constexpr, SWAP: tl.constexpr, INTERP: tl.constexpr,
+                     SPLIT_K: tl.constexpr = 1):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     CPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS
     SUBK: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP
@@ -59,7 +61,8 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_len = K // SPLIT_K
+    for k0 in range(tl.program_id(1) * k_len, (tl.program_id(1) + 1) * k_len, BLOCK_K):
         for sub in tl.static_range(NSUB):
             ks = k0 + sub * SUBK
             Z, S, MN = int_group_params(s_ptr, z_ptr, rows, ks // GROUP, G, BITS, MODE, DT)
@@ -73,6 +76,13 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
             else:
                 xa = tl.load(x_ptr + xm[:, None] * stride_xm + offs_k[None, :])   # [BM, SUBK]
                 acc = dot_acc(xa, tl.trans(w), acc, INTERP)
+    store_tile(out_ptr + tl.program_id(1) * M * stride_om, acc, offs_m, offs_n, M, N, stride_om,
+               SWAP)
+
+
+@triton.jit
+def store_tile(out_ptr, acc, offs_m, offs_n, M, N, stride_om, SWAP: tl.constexpr):
+    """Store acc ([BN, BM] if SWAP else [BM, BN]) to rows offs_m, columns offs_n of out."""
     if SWAP:
         o_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         o_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -82,9 +92,9 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _cfg(bm, bn, bk, swap=False, nw=8, ns=3, gm=8):
+def _cfg(bm, bn, bk, swap=False, nw=8, ns=3, gm=8, sk=1):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "GROUP_M": gm,
-            "num_warps": nw, "num_stages": ns}
+            "num_warps": nw, "num_stages": ns, "SPLIT_K": sk}
 
 
 def candidates(M: int, bits: int) -> list[dict]:
@@ -96,7 +106,10 @@ def candidates(M: int, bits: int) -> list[dict]:
     return [_cfg(128, 128, 64, False, 8, 3), _cfg(128, 128, 64, True, 8, 3),
             _cfg(256, 128, 64, True, 8, 3), _cfg(128, 128, 128, False, 8, 2),
             _cfg(128, 64, 64, True, 4, 4), _cfg(256, 128, 64, True, 8, 4, gm=16),
-            _cfg(128, 256, 64, True, 8, 3)] + (dequant_candidates() if M >= DEQUANT_MIN_M else [])
+            _cfg(128, 256, 64, True, 8, 3), _cfg(128, 64, 64, True, 4, 4, sk=2),
+            _cfg(128, 64, 64, True, 4, 4, sk=4), _cfg(256, 128, 64, True, 8, 4, sk=2),
+            _cfg(128, 128, 128, False, 8, 2, sk=2)] \
+        + (dequant_candidates() if M >= DEQUANT_MIN_M else [])
 
 
 def _valid(cfg: dict, N: int, K: int, bits: int, group: int) -> bool:
@@ -107,7 +120,8 @@ def _valid(cfg: dict, N: int, K: int, bits: int, group: int) -> bool:
     subk = min(bk, group)
     if not cfg["SWAP"] and not interpreting() and (bits in (2, 3) or subk < 64):
         return False     # triton 3.6 / sm_90 fails to compile these ("Illegal shared layout")
-    return not (K % bk or subk % cpw or group % subk or bk % subk or subk < 16)
+    return not (K % (bk * cfg.get("SPLIT_K", 1)) or subk % cpw or group % subk or bk % subk
+                or subk < 16)
 
 
 def launch(x, t, spec, N, K, cfg, out=None):
@@ -120,13 +134,17 @@ def launch(x, t, spec, N, K, cfg, out=None):
     zt = t["scales"] if mode == 0 else t["zeros" if mode == 1 else "mins"]
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    sk = cfg.get("SPLIT_K", 1)
+    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _int_gemm_kernel[grid](
-        x, t["qweight"].view(torch.int32), t["scales"], zt, out, M, N, K, K // g, x.stride(0),
-        out.stride(0), K * spec.bits // 32, BITS=spec.bits, GROUP=g, MODE=mode,
+        x, t["qweight"].view(torch.int32), t["scales"], zt, dst, M, N, K, K // g, x.stride(0),
+        dst.stride(-2), K * spec.bits // 32, BITS=spec.bits, GROUP=g, MODE=mode,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"], INTERP=interpreting(),
+        GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"], INTERP=interpreting(), SPLIT_K=sk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if sk != 1:
+        out.copy_(dst.sum(0))               # partial sums added in a fixed order
     return out
 
 

@@ -1,4 +1,5 @@
-"""The prefill path "dequantize rows + cuBLAS" (runtime/kernels/dequant.py) against the reference.
+"""Prefill paths against the reference: "dequantize rows + cuBLAS" (runtime/kernels/dequant.py)
+and the fused GEMMs' split-K (int_gemm / nf4_gemm with SPLIT_K > 1).
 
 On CPU the dequantize kernels run through Triton's interpreter (``interp.load_interpreted``) and
 ``torch.mm`` stands in for cuBLAS; the GEMM tuners are forced onto the path (``DEQUANT`` config)
@@ -80,6 +81,26 @@ def test_gemm_tuners_run_the_dequant_path_in_chunks(K, fmt, monkeypatch):
     ref = R.ref_linear(x.float(), t, spec, N, Kd)
     err = float((y.float() - ref).norm() / ref.norm())
     assert torch.isfinite(y).all() and err < TOL[x.dtype], err
+
+
+@interp_only
+@pytest.mark.parametrize("fmt,sk,swap", [("int", 2, True), ("int", 4, False), ("nf4", 2, True),
+                                         ("nf4", 4, True)])
+def test_split_k_gemm_matches_reference(K, fmt, sk, swap):
+    spec = _int_spec(4, 32, "int") if fmt == "int" else QuantSpec("nf4", 4, 64, double_quant=True)
+    N, Kd, M = 96, 512, 37
+    g = _gen("splitk", fmt, sk)
+    t = R.random_quantized(spec, N, Kd, generator=g)
+    x = torch.randn(M, Kd, generator=g).to(torch.float16)
+    mod = K.int_gemm if fmt == "int" else K.nf4_gemm
+    mod.TUNER.override = [mod._cfg(32, 64, 64, swap=swap, nw=4, ns=1, gm=2, sk=sk)]
+    mod.TUNER.cache.clear()
+    out = torch.full((M, N), float("nan"), dtype=x.dtype)
+    y = (mod.int_gemm if fmt == "int" else mod.nf4_gemm)(x, t, spec, N, Kd, out=out)
+    ref = R.ref_linear(x.float(), t, spec, N, Kd)
+    err = float((y.float() - ref).norm() / ref.norm())
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all() and err < TOL[x.dtype], err
+    assert not mod._valid(mod._cfg(32, 64, 256, True, sk=4), *((N, 512, 4, 32) if fmt == "int" else (512, 64)))
 
 
 def test_chunk_rows_bounds():
