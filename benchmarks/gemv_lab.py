@@ -1,6 +1,6 @@
 """Decode-GEMV lab: every CUDA-core (SIMT) config of the int4 g128 GEMV, timed against HBM.
 
-For each Llama layer shape (70B first, then 8B) at M = 1 (``--m 1,4`` adds M = 4), in one run:
+For each Llama layer shape (70B first, then 8B) at M = 1 (``--m 1,2,4,8`` adds those), in one run:
 
 * random int4 weights, group 128, uint8 zero points (the GPTQ grid, the kernels' MODE 1),
   quantized from random float weights by ``runtime.quant.intq`` (RTN) and copied until the
@@ -45,13 +45,21 @@ SHAPES = [(28672, 8192), (8192, 28672), (8192, 8192), (10240, 8192),
 ERR_MAX = 1e-2
 DEVICE = "cuda"
 KERNEL_ONLY = {(28672, 8192), (4096, 4096)}   # split-K configs also timed without their sum
-# lab-only SIMT variants (not autotuner candidates): keys the tuner list samples sparsely
+# lab-only SIMT variants (not autotuner candidates): keys the tuner list samples sparsely; XJOIN
+# ones at M = 1, and the best pre-XJOIN configs of M = 2 / 4 for comparison
 LAB_EXTRA = {
     1: [dict(bn=64, bk=256, sk=2, ns=3), dict(bn=64, bk=256, sk=2, evict=False),
         dict(bn=128, bk=512, sk=1, nw=8),
         dict(bn=128, bk=256, sk=1, pf=1), dict(bn=64, bk=256, sk=4, persist=4),
-        dict(bn=64, bk=256, sk=2, pf=1, offset=False), dict(bn=32, bk=256, sk=8, pf=1)],
-    4: [dict(bn=64, bk=64, sk=2, ns=3), dict(bn=32, bk=64, sk=8), dict(bn=64, bk=128, sk=4, nw=8)],
+        dict(bn=64, bk=256, sk=2, pf=1, offset=False), dict(bn=32, bk=256, sk=8, pf=1),
+        dict(bn=64, bk=256, sk=2, join=1), dict(bn=128, bk=256, sk=1, join=1)],
+    2: [dict(bn=128, bk=128, sk=1), dict(bn=256, bk=256, sk=1, join=1),
+        dict(bn=128, bk=256, sk=2, ns=3, join=1), dict(bn=128, bk=128, sk=4, nw=2, join=1)],
+    4: [dict(bn=128, bk=128, sk=1, nw=8), dict(bn=64, bk=64, sk=2),
+        dict(bn=128, bk=256, sk=2, ns=3, join=1), dict(bn=128, bk=64, sk=8, nw=1, join=1),
+        dict(bn=128, bk=256, sk=4, pf=1, join=1)],
+    8: [dict(bn=128, bk=128, sk=1, nw=2, join=1), dict(bn=128, bk=128, sk=4, nw=2, join=1),
+        dict(bn=64, bk=128, sk=4, nw=2, join=1)],
 }
 
 
@@ -210,7 +218,7 @@ def _short(cfg: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="gemv_lab.json", help="JSON with every timing")
-    ap.add_argument("--m", default="1", help="comma-separated M values (1..4), default 1")
+    ap.add_argument("--m", default="1", help="comma-separated M values (1..8), default 1")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--rep", type=int, default=25, help="ms of graph replays per timing")
     ap.add_argument("--budget-s", type=float, default=205.0, help="skip what is left after this")

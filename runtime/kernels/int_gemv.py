@@ -17,6 +17,7 @@ import triton.language as tl
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
+from runtime.kernels.splitk import counters
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -61,12 +62,13 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
             "num_warps": nw, "num_stages": ns}
 
 
-def candidates(M: int, bits: int) -> list[dict]:
-    """Default configs (a short list: each is compiled and timed once per key)."""
+def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
+    """Default configs (a short list: each is compiled and timed once per key; ``dtype``, the
+    activations', sizes the CUDA-core ones)."""
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
-        + simt_candidates(M, bits)
+        + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2)
 
 
 def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
@@ -90,8 +92,15 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    cnt = None
+    if sk > 1 and cfg.get("FIXUP"):
+        try:
+            cnt = counters(x.device, triton.cdiv(N, cfg["BLOCK_N"]))
+        except RuntimeError:            # first use inside a graph capture: sum afterwards
+            cnt = None
     if cfg.get("SIMT"):
-        simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg)
+        simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg,
+                    fin=None if cnt is None else out, cnt=cnt)
     else:
         _int_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
             x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2),
@@ -99,7 +108,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk,
             PERM=cfg["PERM"], INTERP=interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if sk != 1:
+    if sk != 1 and cnt is None:
         out.copy_(dst.sum(0))              # partial sums added in a fixed order
     return out
 
@@ -112,6 +121,7 @@ def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
-    cfg = TUNER.pick(key, candidates(mb, spec.bits), lambda c: _valid(c, mb, N, K, spec.bits, g),
+    cfg = TUNER.pick(key, candidates(mb, spec.bits, x.dtype),
+                     lambda c: _valid(c, mb, N, K, spec.bits, g),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
     return launch(x, t, spec, N, K, cfg, out)
