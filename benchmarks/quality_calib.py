@@ -13,7 +13,9 @@ model is unusually sensitive to re-quantization at group 128; see RESULTS.md.
 
     python benchmarks/quality_calib.py --max-tokens 4096 --samples 64 --grid 10 --awq-samples 16 --out quality_calib.json
     python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
-        --only act-order      # the best GPTQ int4 g128 setting found (attention-sink weighting)
+        --only act-order      # GPTQ int4 g128 with attention-sink weighting (+9.9%)
+    python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
+        --refit 2 --fp-target 1 --only act-order      # + grid refit and float target (+7.1%)
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ def gptq_suffix(args) -> str:
     opts = [f"damp {args.damp:g}"] if args.damp != 0.01 else []
     opts += [o for o, on in (("static groups", args.static_groups), ("mse", args.mse)) if on]
     opts += [f"sink x{args.sink_weight:g}"] if args.sink_weight != 1 else []
+    opts += [f"refit {args.refit}"] if args.refit else []
+    opts += [f"fp target {args.fp_target:g}"] if args.fp_target else []
     return f" ({', '.join(opts)})" if opts else ""
 
 
@@ -80,7 +84,8 @@ def run(args) -> dict:
         else:
             opts = CalibOptions(desc_act=method == "gptq-act", awq_grid=args.grid, damp_percent=args.damp,
                                 awq_search_samples=args.awq_samples, static_groups=args.static_groups,
-                                mse=args.mse, sink_weight=args.sink_weight)
+                                mse=args.mse, sink_weight=args.sink_weight,
+                                refit=args.refit, fp_target=args.fp_target)
             ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
                            n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
                            options=opts, overwrite=True, progress=True)
@@ -126,6 +131,10 @@ if __name__ == "__main__":
     ap.add_argument("--mse", action="store_true", help="GPTQ: clipping search for each group's range")
     ap.add_argument("--sink-weight", type=float, default=1.0,
                     help="GPTQ: Hessian weight of each window's first token for q/k/v")
+    ap.add_argument("--refit", type=int, default=0,
+                    help="GPTQ: rounds of closed-form refits of the group grids to the codes")
+    ap.add_argument("--fp-target", type=float, default=0.0,
+                    help="GPTQ: aim at the float model's outputs (1 = fully, GPTAQ-style)")
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--work", help="where calibrated checkpoints are written (default: a temp dir)")
     ap.add_argument("--out", default=None)

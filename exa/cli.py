@@ -148,6 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--sink-weight", type=float, default=1.0,
                    help="gptq: Hessian weight of each window's first token for q/k/v (default 1 = off; ~512 "
                         "for models with an attention sink)")
+    q.add_argument("--refit", type=int, default=0, metavar="N",
+                   help="gptq: rounds of closed-form refits of the group grids to the codes (default 0)")
+    q.add_argument("--fp-target", type=float, default=0.0, metavar="A",
+                   help="gptq: aim at the float model's outputs (1 = fully, GPTAQ-style; default 0)")
     q.add_argument("--device", type=_device, metavar="DEVICE", help="where gptq/awq run (default: cuda if present)")
     q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric int grid")
@@ -273,7 +277,8 @@ def _cmd_quantize(args) -> None:
                      skip_modules=args.skip, verbose=args.verbose, method=args.method,
                      calibration=args.calib, calibration_samples=args.calib_samples,
                      calibration_seqlen=args.calib_seqlen, damp_percent=args.damp, desc_act=args.desc_act,
-                     mse=args.mse, sink_weight=args.sink_weight, device=args.device)
+                     mse=args.mse, sink_weight=args.sink_weight,
+                     refit=args.refit, fp_target=args.fp_target, device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:
         done = {k: v for k, v in q.losses.items() if v is not None}

@@ -53,6 +53,12 @@ class Quantize:
         sink_weight: GPTQ: Hessian weight of each window's first token for q/k/v (1 = off). In
             models with an attention sink (most attention on the first token) errors there reach
             every token; about the window length (e.g. 512) worked on SmolLM2 (RESULTS.md).
+        refit: GPTQ: rounds of closed-form refits of each row's group scales / zero points to
+            its codes (Hessian-weighted least squares), each followed by GPTQ on the refit grid;
+            0 = off. Never increases a row's GPTQ loss.
+        fp_target: GPTQ: aim each linear at the float model's output on the float model's
+            inputs (1 = fully, GPTAQ-style; 0 = off, standard GPTQ); keeps the float hidden
+            states alongside the quantized ones and one extra copy of a layer's weights.
         device: where calibration runs ("cuda" when available, else "cpu").
     """
 
@@ -63,7 +69,8 @@ class Quantize:
                  method: str = "rtn", calibration=None, calibration_samples: int = 128,
                  calibration_seqlen: int = 512, damp_percent: float = 0.01, desc_act: bool = False,
                  static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
-                 mse: bool = False, sink_weight: float = 1.0):
+                 mse: bool = False, sink_weight: float = 1.0, refit: int = 0,
+                 fp_target: float = 0.0):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -82,8 +89,13 @@ class Quantize:
         self.calib_kwargs = dict(n_samples=calibration_samples, seqlen=calibration_seqlen, device=device)
         if not sink_weight > 0:
             raise ValueError(f"sink_weight must be > 0, got {sink_weight!r}")
+        if int(refit) != refit or refit < 0:
+            raise ValueError(f"refit must be a whole number >= 0, got {refit!r}")
+        if not 0 <= fp_target <= 1:
+            raise ValueError(f"fp_target must be in [0, 1], got {fp_target!r}")
         self.calib_options = dict(damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups,
-                                  true_sequential=true_sequential, mse=mse, sink_weight=float(sink_weight))
+                                  true_sequential=true_sequential, mse=mse, sink_weight=float(sink_weight),
+                                  refit=int(refit), fp_target=float(fp_target))
         self.losses: dict[str, float] = {}         # gptq/awq: layer -> loss (None: resumed)
         self.model_id, self.skip_modules = model_id, list(skip_modules)
         self.compute_dtype, self.verbose = compute_dtype, verbose

@@ -253,8 +253,10 @@ def test_gptq_inference_quantizes_once_then_uses_the_cache(tiny_models, tmp_path
         assert again.generate("Once upon a time") == text
     assert (ckpt / "exa.json").stat().st_mtime_ns == mtime           # loaded, not re-quantized
     # other GPTQ options are another cache entry, and reach the quantizer
-    with exa.GPTQInference(str(path), quantization_config_bits=4, mse=True, sink_weight=64, **kw) as opts:
+    with exa.GPTQInference(str(path), quantization_config_bits=4, mse=True, sink_weight=64, refit=1,
+                           fp_target=0.5, **kw) as opts:
         assert opts.checkpoint_dir != ckpt
         opts.quantize(progress=False)
         used = json.loads((opts.checkpoint_dir / "exa.json").read_text())["metadata"]["options"]
         assert used["mse"] is True and used["sink_weight"] == 64.0
+        assert used["refit"] == 1 and used["fp_target"] == 0.5

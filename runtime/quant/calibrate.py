@@ -19,7 +19,9 @@ checkpoint's blocks. The calibration windows flow through the model block by blo
 
 GPTQ options beyond the paper's (CalibOptions): ``sink_weight`` weighs each window's first
 token(s) more in the Hessians of the linears reading the attention's input (q/k/v; see
-_hessian_hook) and ``mse`` searches each group's clipping range.
+_hessian_hook), ``mse`` searches each group's clipping range,
+``refit`` refits the group grids to GPTQ's codes (refit.py) and ``fp_target`` aims each linear at
+the float model's output (fp_target.py).
 
 At most one block's weights are bound at a time, plus the calibration activations
 ``[n_samples, seqlen, hidden]``. Finished blocks found in the output directory (sha256 checked,
@@ -47,6 +49,7 @@ from runtime.qcheckpoint import ResumableWriter
 
 from . import awq, intq
 from .calib_data import Calibration, calibration_ids, ids_digest
+from .fp_target import FloatTarget
 from .gptq import Hessian, check_spec, gptq_quantize
 from .spec import QuantSpec
 
@@ -66,6 +69,8 @@ class CalibOptions:
     mse: bool = False                     # GPTQ: clipping search for each group's range
     sink_weight: float = 1.0              # GPTQ: Hessian weight of each window's first token(s) for
     sink_positions: int = 1               # the attention's input linears (q/k/v), see _hessian_hook
+    refit: int = 0                        # GPTQ: rounds of closed-form grid refits (refit.py)
+    fp_target: float = 0.0                # GPTQ: weight of the float model's outputs as target (1 = GPTAQ)
 
 
 @dataclass
@@ -154,6 +159,7 @@ class Calibrator:
         losses: dict[str, float] = {}
         fp_by_name = {b.name: b for b in self.fp_blocks}
         hs, kwargs = self._embed(fp_by_name["embed"])
+        self.hs_fp = hs.clone() if self.method == "gptq" and self.opts.fp_target else None
         layers = [b for b in self.q_blocks if b.kind == "layer"]
         bar = tqdm(layers, desc=f"{self.method} {self.spec.name}", unit="layer", disable=not self.progress)
         for qb in bar:
@@ -167,6 +173,11 @@ class Calibrator:
             else:
                 losses[qb.name] = None
                 bar.set_postfix(loss="resumed")
+                if self.hs_fp is not None:                     # float inputs of the next layer
+                    fb = fp_by_name[qb.name]
+                    self._bind("fp:" + fb.name, fb, pack_block(self.ckpt, fb).to(self.device))
+                    FloatTarget(self.fp_layers[int(qb.name.split(".")[1])], self.hs_fp, kwargs).advance()
+                    self._unbind("fp:" + fb.name, fb)
             i = int(qb.name.split(".")[1])
             self._bind(qb.name, qb, buf.to(self.device))
             for j in range(hs.shape[0]):                       # quantized outputs: next inputs
@@ -252,28 +263,43 @@ class Calibrator:
             order = [[n for g in order for n in g]]
         first = self.groups.sequential[0] if self.groups and self.groups.sequential else ()
         sink = set(first) if self.opts.sink_weight != 1 else set()     # the attention's inputs
+        fpt = FloatTarget(layer, self.hs_fp, kwargs) if self.hs_fp is not None else None
         packed, total = {}, 0.0
         for names in order:
             hess = {n: Hessian(self._weight(*targets[n]).shape[1], self.device) for n in names}
             hit: set[str] = set()
-
-            handles = [targets[n][0].register_forward_hook(
-                self._hessian_hook(n, hess, hit, len(names), self.opts.sink_weight if n in sink else 1.0))
-                for n in names]
-            try:
-                self._forward_all(layer, hs, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
+            weights = {n: self.opts.sink_weight if n in sink else 1.0 for n in names}
+            if fpt is not None:
+                fpt.collect(hs, {n: targets[n][0] for n in names}, hess, weights, self._sink_scale)
+            else:
+                handles = [targets[n][0].register_forward_hook(
+                    self._hessian_hook(n, hess, hit, len(names), weights[n])) for n in names]
+                try:
+                    self._forward_all(layer, hs, kwargs)
+                finally:
+                    for h in handles:
+                        h.remove()
             for n in names:
                 mod, transposed = targets[n]
-                res = gptq_quantize(self._weight(mod, transposed), hess[n].H, self.spec,
+                w = self._weight(mod, transposed)
+                if fpt is not None:
+                    w = fpt.target(n, w, hess[n].H, self.opts.fp_target, self.opts.damp_percent)
+                res = gptq_quantize(w, hess[n].H, self.spec,
                                     damp_percent=self.opts.damp_percent, desc_act=self.opts.desc_act,
                                     static_groups=self.opts.static_groups, block_size=self.opts.block_size,
-                                    mse=self.opts.mse)
+                                    mse=self.opts.mse, refit=self.opts.refit)
                 self._weight(mod, transposed).copy_(res.weight)      # later groups see quantized weights
                 packed[n], total = res.packed, total + res.loss
+        if fpt is not None:
+            fpt.advance()                                              # float inputs of the next layer
         return packed, total
+
+    def _sink_scale(self, x: Tensor, sink_weight: float) -> Tensor:
+        """``x [1, S, K]`` with its first ``sink_positions`` tokens scaled by sqrt(sink_weight)."""
+        if sink_weight != 1.0:
+            x = x.clone()
+            x[..., :self.opts.sink_positions, :] *= sink_weight ** 0.5
+        return x
 
     def _hessian_hook(self, name: str, hess: dict, hit: set, n_names: int, sink_weight: float = 1.0):
         """Forward hook: add the input ``[1, S, K]`` to ``hess[name]``, its first
@@ -286,11 +312,7 @@ class Calibrator:
         counts it as one token of S. Weighting the sink's rows about ``S`` times (the attention
         mass it receives) makes q/k/v's Hessians say so."""
         def hook(mod, args, out):
-            x = args[0]
-            if sink_weight != 1.0:
-                x = x.clone()
-                x[..., :self.opts.sink_positions, :] *= sink_weight ** 0.5
-            hess[name].add(x)
+            hess[name].add(self._sink_scale(args[0], sink_weight))
             hit.add(name)
             if len(hit) == n_names:
                 hit.clear()

@@ -17,6 +17,9 @@ calibration inputs, ``[n, K]``). This module implements the standard algorithm:
 * act-order (``desc_act``): columns are processed in order of decreasing ``H[k, k]``;
 * optional clipping search (``mse``): each group's range ``[p min, p max]`` with ``p`` chosen
   from a grid to minimise ``sum |w - Q(w)|^2.4``, as GPTQ's "mse" quantizer option does.
+* optional grid refit (``refit``, see refit.py): once the codes are fixed, each row's group
+  scales / zero points are refit in closed form to minimise the same H-weighted loss, and GPTQ
+  is re-run on the refit grid (``refit`` rounds); every row keeps its best (codes, grid).
 
 exa's format has no ``g_idx`` (column k always belongs to group ``k // group_size``), so with
 ``desc_act=True`` the grids are always *static groups*: computed from the original weights in
@@ -38,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import intq
+from .refit import dequant, refit_grid, row_loss
 from .spec import QuantSpec
 
 __all__ = ["Hessian", "GPTQResult", "gptq_quantize", "check_spec"]
@@ -152,7 +156,7 @@ def _inverse_factor(H: Tensor, damp_percent: float) -> Tensor:
 
 def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float = 0.01,
                   desc_act: bool = False, static_groups: bool = False,
-                  block_size: int = 128, mse: bool = False) -> GPTQResult:
+                  block_size: int = 128, mse: bool = False, refit: int = 0) -> GPTQResult:
     """Quantize ``w [N, K]`` with GPTQ against the input Hessian ``H [K, K]`` (``2 X^T X / n``).
 
     Args:
@@ -164,6 +168,8 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
         static_groups: compute every group's grid from the original weights up front.
         block_size: columns per lazy-batch block (rounded to whole groups).
         mse: choose each group's range by a clipping search (_mse_shrink) instead of min/max.
+        refit: rounds of grid refitting (refit.py): refit each row's scales / zero points to its
+            codes in closed form, then re-run GPTQ on the refit grid; 0 = off.
 
     Returns:
         a GPTQResult: intq packed tensors, the dequantized weight and the GPTQ loss.
@@ -195,24 +201,68 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
                     scale[:, j], zero[:, j], s16[:, j] = _grid(W[:, j * g:(j + 1) * g], spec, mse)
 
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
+    Hd = None
+    if refit:                                                       # the objective, natural order
+        Hd = H.clone()
+        Hd.diagonal().add_(damp_percent * float(torch.diag(H).mean()))
+        W0 = W.clone()
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_factor(H, damp_percent)                            # [K, K] upper
     del H
     bs = max(1, block_size // g) * g if not static and g <= K else block_size
-    Q = torch.zeros(N, K, dtype=torch.uint8, device=dev)            # codes, permuted order
-    D = torch.zeros_like(W)                                         # dequantized, permuted order
-    loss = torch.zeros((), device=dev)
     col = perm.tolist() if perm is not None else list(range(K))   # natural column of position j
-    with _few_threads(dev):
-        _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static, mse)
-    if perm is not None:
-        inv = torch.argsort(perm)
-        Q, D = Q[:, inv], D[:, inv]
+
+    def gptq_pass(W, static):
+        Q = torch.zeros(N, K, dtype=torch.uint8, device=dev)        # codes, permuted order
+        D = torch.zeros_like(W)                                     # dequantized, permuted order
+        loss = torch.zeros((), device=dev)
+        with _few_threads(dev):
+            _columns(W, U, Q, D, loss, scale, zero, s16, col, g, bs, spec, static, mse)
+        if perm is not None:
+            inv = torch.argsort(perm)
+            Q, D = Q[:, inv], D[:, inv]
+        return Q, D, float(loss)
+
+    Q, D, loss = gptq_pass(W.clone() if refit else W, static)
+    if refit:
+        Q, D, loss = _refit_rounds(refit, W0, Hd, Q, scale, zero, s16, spec, g,
+                                   lambda: gptq_pass(W.clone(), True)[0])
     packed = {"qweight": intq.pack_codes(Q, spec.bits), "scales": s16}
     if not spec.sym:
         packed["zeros"] = zero.to(torch.uint8)
-    return GPTQResult(packed, D, float(loss))
+    return GPTQResult(packed, D, loss)
+
+
+def _refit_rounds(rounds, W, Hd, Q, scale, zero, s16, spec, g, rerun):
+    """``rounds`` x (refit the grids to the codes, then re-run GPTQ on the refit grid); every row
+    keeps its best (codes, grid) by the Hessian loss. Updates scale / zero / s16 in place and
+    returns the codes, the dequantized weight and the loss / 2 (natural order)."""
+    best_q, best_s, best_z = Q.clone(), s16.clone(), zero.clone()
+    best = row_loss(W, dequant(Q, s16.float(), zero, g), Hd)
+    for r in range(rounds):
+        if r:                                                       # GPTQ codes on the refit grid
+            Q = rerun()
+            _take(row_loss(W, dequant(Q, s16.float(), zero, g), Hd), best, (Q, s16, zero),
+                  (best_q, best_s, best_z))
+        s_new, z_new, loss = refit_grid(W, Q, s16, zero, Hd, spec, g)
+        s16.copy_(s_new)
+        zero.copy_(z_new)
+        scale.copy_(intq._safe(s16.float()))
+        _take(loss, best, (Q, s16, zero), (best_q, best_s, best_z))
+    s16.copy_(best_s)
+    zero.copy_(best_z)
+    scale.copy_(intq._safe(s16.float()))
+    D = dequant(best_q, s16.float(), zero, g)
+    return best_q, D, float(best.sum()) / 2
+
+
+def _take(loss, best, new, into) -> None:
+    """Rows where ``loss < best``: copy ``new`` tensors into ``into`` and update ``best``."""
+    better = loss < best
+    for a, b in zip(new, into):
+        b[better] = a[better]
+    best[better] = loss[better]
 
 
 @contextmanager
