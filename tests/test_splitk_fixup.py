@@ -124,3 +124,12 @@ def test_fused_split_k_nf4_cuda(M):
     finally:
         nf4_gemv.TUNER.override = None
         nf4_gemv.TUNER.cache.clear()
+
+
+def test_fused_counters_only_for_fused_split_configs():
+    from runtime.kernels.splitk import fused_counters
+    cpu = torch.device("cpu")
+    assert fused_counters({"SPLIT_K": 1, "FIXUP": 1}, cpu, 4) is None
+    assert fused_counters({"SPLIT_K": 4, "FIXUP": 0}, cpu, 4) is None
+    c = fused_counters({"SPLIT_K": 4, "FIXUP": 1}, cpu, 5000)
+    assert c is not None and c.numel() >= 5000 and c.dtype == torch.int32 and not c.any()

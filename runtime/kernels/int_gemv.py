@@ -17,7 +17,7 @@ import triton.language as tl
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
-from runtime.kernels.splitk import counters
+from runtime.kernels.splitk import fused_counters
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -92,12 +92,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
-    cnt = None
-    if sk > 1 and cfg.get("FIXUP"):
-        try:
-            cnt = counters(x.device, triton.cdiv(N, cfg["BLOCK_N"]))
-        except RuntimeError:            # first use inside a graph capture: sum afterwards
-            cnt = None
+    cnt = fused_counters(cfg, x.device, triton.cdiv(N, cfg["BLOCK_N"]))
     if cfg.get("SIMT"):
         simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg,
                     fin=None if cnt is None else out, cnt=cnt)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels.reference import FP4_CODE, NF4_CODE
-from runtime.kernels.splitk import counters, finish_tile
+from runtime.kernels.splitk import finish_tile, fused_counters
 from runtime.kernels.tl_dequant import nf4_absmax_fin, nf4_absmax_raw
 
 
@@ -330,12 +330,7 @@ def simt_gemv(x, qw, absmax, lut, out, N, K, g, fmt, dq, interp, cfg):
         x = x.clone(memory_format=torch.contiguous_format)   # 16-bit x is read as int32 pairs
     sk = cfg["SPLIT_K"]
     dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
-    cnt = None
-    if sk > 1 and cfg.get("FIXUP"):
-        try:
-            cnt = counters(x.device, triton.cdiv(N, cfg["BLOCK_N"]))
-        except RuntimeError:                 # first use inside a graph capture: sum afterwards
-            cnt = None
+    cnt = fused_counters(cfg, x.device, triton.cdiv(N, cfg["BLOCK_N"]))
     _nf4_gemv_simt_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
         x, qw, *absmax, lut, dst, out if cnt is not None else dst, dst if cnt is None else cnt,
         M, N, K, K // g, x.stride(0), dst.stride(-2), out.stride(0),

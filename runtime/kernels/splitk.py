@@ -46,6 +46,18 @@ def finish_tile(res, ws_ptr, cnt_ptr, out_ptr, tile, pid_k, offs_m, offs_n, M, N
         tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
+def fused_counters(cfg: dict, device: torch.device, n_tiles: int) -> torch.Tensor | None:
+    """The counters for a config that asks for the fused fixup (``FIXUP`` and ``SPLIT_K`` > 1),
+    else None; None too on a first use inside a graph capture (the caller then sums the partials
+    afterwards, as without FIXUP)."""
+    if cfg.get("SPLIT_K", 1) < 2 or not cfg.get("FIXUP"):
+        return None
+    try:
+        return counters(device, n_tiles)
+    except RuntimeError:
+        return None
+
+
 def counters(device: torch.device, n: int) -> torch.Tensor:
     """The device's zeroed int32 tile counters, at least ``n`` of them. Grown (reallocated) only
     outside CUDA-graph capture; during a capture a missing or short buffer raises RuntimeError
