@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .gptq import damped
+
 __all__ = ["Cross", "FloatTarget"]
 
 
@@ -61,7 +63,7 @@ def target_weight(w: Tensor, H: Tensor, C: Tensor, alpha: float, damp_percent: f
     Hd = H.clone()
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1.0
-    Hd.diagonal().add_(damp_percent * float(torch.diag(Hd).mean()))
+    Hd = damped(Hd, damp_percent)
     B = W @ (C.to(W.device) - H).t()                                   # [N, K]
     L = torch.linalg.cholesky(Hd)
     return W + alpha * torch.cholesky_solve(B.t(), L).t()             # B Hd^-1 (Hd symmetric)

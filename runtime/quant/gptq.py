@@ -133,15 +133,20 @@ def _mse_shrink(w: Tensor, spec: QuantSpec, lo: Tensor, hi: Tensor) -> Tensor:
     return best_p
 
 
+def damped(H: Tensor, damp_percent: float) -> Tensor:
+    """A copy of ``H`` with ``damp_percent`` times its mean diagonal added to the diagonal (GPTQ's
+    dampening; also the objective refit.py and fp_target.py use)."""
+    Hd = H.clone()
+    Hd.diagonal().add_(damp_percent * float(torch.diag(H).mean()))
+    return Hd
+
+
 def _inverse_factor(H: Tensor, damp_percent: float) -> Tensor:
     """Upper Cholesky factor of ``(H + damp I)^-1``; more damping (with a warning) if needed."""
     K = H.shape[0]
-    mean_diag = float(torch.diag(H).mean())
     damp = damp_percent
     for attempt in range(6):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(damped(H, damp))
         if int(info) == 0:
             Linv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0:
@@ -203,8 +208,7 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
     Hd = None
     if refit:                                                       # the objective, natural order
-        Hd = H.clone()
-        Hd.diagonal().add_(damp_percent * float(torch.diag(H).mean()))
+        Hd = damped(H, damp_percent)
         W0 = W.clone()
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
