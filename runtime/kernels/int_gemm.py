@@ -9,8 +9,9 @@ tile; the dequant is amortized over BLOCK_M rows of x. Two orientations are tune
 
 Programs are ordered in groups of GROUP_M row tiles so that concurrently running programs share
 weight tiles in L2. SPLIT_K > 1 (for long K and few tiles: more programs per SM) writes
-float32 partial sums, added afterwards in a fixed order (deterministic). From M bucket DEQUANT_MIN_M the tuner also times dequantize + cuBLAS
-(``dequant.py``) and keeps whichever is faster.
+float32 partial sums, added afterwards in a fixed order (deterministic). From M bucket
+DEQUANT_MIN_M the tuner also times dequantize + cuBLAS (``dequant.py``) and keeps whichever is
+faster.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton.language as tl
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile
 from runtime.kernels.dequant import dequant_candidates, dequant_matmul
+from runtime.kernels.splitk import partials, sum_partials
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -135,7 +137,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     sk = cfg.get("SPLIT_K", 1)
-    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    dst = partials(out, sk)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _int_gemm_kernel[grid](
         x, t["qweight"].view(torch.int32), t["scales"], zt, dst, M, N, K, K // g, x.stride(0),
@@ -143,8 +145,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"], INTERP=interpreting(), SPLIT_K=sk,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if sk != 1:
-        out.copy_(dst.sum(0))               # partial sums added in a fixed order
+    sum_partials(dst, out)               # partial sums added in a fixed order
     return out
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
-from runtime.kernels.splitk import fused_counters
+from runtime.kernels.splitk import fused_counters, partials, sum_partials
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -91,7 +91,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
     sk = cfg["SPLIT_K"]
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    dst = partials(out, sk)
     cnt = fused_counters(cfg, x.device, triton.cdiv(N, cfg["BLOCK_N"]))
     if cfg.get("SIMT"):
         simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg,
@@ -103,8 +103,8 @@ def launch(x, t, spec, N, K, cfg, out=None):
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk,
             PERM=cfg["PERM"], INTERP=interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if sk != 1 and cnt is None:
-        out.copy_(dst.sum(0))              # partial sums added in a fixed order
+    if cnt is None:
+        sum_partials(dst, out)           # partial sums added in a fixed order
     return out
 
 

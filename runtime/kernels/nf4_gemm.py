@@ -16,6 +16,7 @@ from runtime.kernels.int_gemm import DEQUANT_MIN_M, store_tile, tile_ids
 from runtime.kernels.nf4_gemv import absmax_args, lut
 from runtime.kernels.tl_dequant import dot_acc, nf4_absmax, nf4_tile
 from runtime.kernels.dequant import dequant_candidates, dequant_matmul
+from runtime.kernels.splitk import partials, sum_partials
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -95,7 +96,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if out is None:
         out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     sk = cfg.get("SPLIT_K", 1)
-    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    dst = partials(out, sk)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), sk)
     _nf4_gemm_kernel[grid](
         x, t["qweight"].view(torch.int32), a, aq, a2, dm, off, lut(spec.fmt, x.dtype, x.device),
@@ -103,8 +104,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
         DQ=spec.double_quant, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"], SWAP=cfg["SWAP"], INTERP=interpreting(),
         SPLIT_K=sk, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if sk != 1:
-        out.copy_(dst.sum(0))               # partial sums added in a fixed order
+    sum_partials(dst, out)               # partial sums added in a fixed order
     return out
 
 

@@ -19,6 +19,7 @@ from runtime.kernels.common import check_nf4_inputs, group_of
 from runtime.kernels.nf4_gemv_simt import simt_candidates, simt_gemv, simt_valid
 from runtime.kernels.reference import code_table, dynamic_map
 from runtime.kernels.tl_dequant import dot_acc, load_xt, nf4_absmax, nf4_tile
+from runtime.kernels.splitk import partials, sum_partials
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
@@ -130,14 +131,13 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if cfg.get("SIMT"):
         return simt_gemv(x, qw, absmax, codes(spec.fmt, x.device), out, N, K, g, spec.fmt,
                          spec.double_quant, interpreting(), cfg)
-    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    dst = partials(out, sk)
     _nf4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
         x, qw, *absmax, lut(spec.fmt, x.dtype, x.device), dst, M, N, K, K // g, x.stride(0),
         dst.stride(-2), GROUP=g, DQ=spec.double_quant, BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interpreting(),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if sk != 1:
-        out.copy_(dst.sum(0))
+    sum_partials(dst, out)               # partial sums added in a fixed order
     return out
 
 

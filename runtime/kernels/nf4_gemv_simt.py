@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels.reference import FP4_CODE, NF4_CODE
-from runtime.kernels.splitk import finish_tile, fused_counters
+from runtime.kernels.splitk import finish_tile, fused_counters, partials
 from runtime.kernels.tl_dequant import nf4_absmax_fin, nf4_absmax_raw
 
 
@@ -329,7 +329,7 @@ def simt_gemv(x, qw, absmax, lut, out, N, K, g, fmt, dq, interp, cfg):
     if x.dtype != torch.float32 and ((M > 1 and x.stride(0) % 2) or x.data_ptr() % 4):
         x = x.clone(memory_format=torch.contiguous_format)   # 16-bit x is read as int32 pairs
     sk = cfg["SPLIT_K"]
-    dst = out if sk == 1 else torch.empty(sk, M, N, device=x.device, dtype=torch.float32)
+    dst = partials(out, sk)
     cnt = fused_counters(cfg, x.device, triton.cdiv(N, cfg["BLOCK_N"]))
     _nf4_gemv_simt_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
         x, qw, *absmax, lut, dst, out if cnt is not None else dst, dst if cnt is None else cnt,

@@ -46,6 +46,21 @@ def finish_tile(res, ws_ptr, cnt_ptr, out_ptr, tile, pid_k, offs_m, offs_n, M, N
         tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
+def partials(out: torch.Tensor, split_k: int) -> torch.Tensor:
+    """Where a launch with ``split_k`` slices of K writes: ``out`` itself (``[M, N]``) when
+    ``split_k`` is 1, else a float32 ``[split_k, M, N]`` buffer for ``sum_partials``."""
+    if split_k == 1:
+        return out
+    return torch.empty(split_k, *out.shape, device=out.device, dtype=torch.float32)
+
+
+def sum_partials(dst: torch.Tensor, out: torch.Tensor) -> None:
+    """Add the partials of ``partials`` into ``out`` in a fixed order (no-op when ``dst`` is
+    ``out``); the separate-kernel alternative to ``finish_tile``."""
+    if dst is not out:
+        out.copy_(dst.sum(0))
+
+
 def fused_counters(cfg: dict, device: torch.device, n_tiles: int) -> torch.Tensor | None:
     """The counters for a config that asks for the fused fixup (``FIXUP`` and ``SPLIT_K`` > 1),
     else None; None too on a first use inside a graph capture (the caller then sums the partials
