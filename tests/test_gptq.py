@@ -1,5 +1,6 @@
 """Calibrated quantization: GPTQ for one linear, AWQ scales, and the layer-by-layer driver."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,27 +173,37 @@ def test_calibrated_tiny_llama_loads_and_is_close_to_fp32(method, tiny_models, t
         assert err < 2.0 * err_rtn, (err, err_rtn)
 
 
-def test_interrupted_run_resumes_to_the_same_bytes(tiny_models, tmp_path):
-    path = tiny_models("llama")
-    opts = CalibOptions(desc_act=True)
-    full = calibrate(str(path), tmp_path / "full", SPEC, "gptq", calibration=_text(2), options=opts, **CALIB)
-
+def _interrupt_after_two(path, out, text, opts) -> None:
+    """A GPTQ run into ``out`` interrupted (KeyboardInterrupt) once layers.1 is written."""
     def stop_after_two(name, info):
         if name == "layers.1":
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        calibrate(str(path), tmp_path / "part", SPEC, "gptq", calibration=_text(2), options=opts,
+        calibrate(str(path), out, SPEC, "gptq", calibration=text, options=opts,
                   on_block=stop_after_two, **CALIB)
+
+
+def _same_files(a: Path, b: Path) -> list:
+    """Assert checkpoints ``a`` and ``b`` hold the same files, byte for byte; returns the list."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    return files
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(tiny_models, tmp_path):
+    path = tiny_models("llama")
+    opts = CalibOptions(desc_act=True)
+    full = calibrate(str(path), tmp_path / "full", SPEC, "gptq", calibration=_text(2), options=opts, **CALIB)
+    _interrupt_after_two(path, tmp_path / "part", _text(2), opts)
     assert not (tmp_path / "part" / "exa.json").exists()             # not a loadable checkpoint yet
     with pytest.raises(FileExistsError, match="other settings"):
         calibrate(str(path), tmp_path / "part", SPEC, "awq", calibration=_text(2), **CALIB)
     res = calibrate(str(path), tmp_path / "part", SPEC, "gptq", calibration=_text(2), options=opts, **CALIB)
     assert res.losses["layers.0"] is None and res.losses["layers.1"] is None
     assert res.losses["layers.2"] is not None
-    files = sorted(p.relative_to(full.path) for p in full.path.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(res.path) for p in res.path.rglob("*") if p.is_file())
-    for f in files:
-        assert (full.path / f).read_bytes() == (res.path / f).read_bytes(), f
+    _same_files(full.path, res.path)
 
 
 def test_only_one_block_is_materialised_at_a_time(tiny_models, tmp_path):

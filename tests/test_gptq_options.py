@@ -8,7 +8,8 @@ from runtime.quant.fp_target import target_weight
 from runtime.quant.gptq import MSE_NORM, Hessian, gptq_quantize
 from runtime.quant.refit import dequant, refit_grid, row_loss
 from runtime.quant.spec import QuantSpec
-from test_gptq import CALIB, SPEC, _correlated, _logits, _one_thread, _out_err, _text, eval_ids  # noqa: F401
+from test_gptq import (CALIB, SPEC, _correlated, _interrupt_after_two, _logits, _one_thread,  # noqa: F401
+                       _out_err, _same_files, _text, eval_ids)
 from tiny import reference
 
 
@@ -158,19 +159,11 @@ def test_fp_target_calibrates_resumes_and_beats_rtn(tiny_models, tmp_path, eval_
     path = tiny_models("llama")
     opts = CalibOptions(fp_target=1.0, refit=1)
     full = calibrate(str(path), tmp_path / "full", SPEC, "gptq", calibration=_text(1), options=opts, **CALIB)
-
-    def stop(name, info):
-        if name == "layers.1":
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(str(path), tmp_path / "part", SPEC, "gptq", calibration=_text(1), options=opts,
-                  on_block=stop, **CALIB)
+    _interrupt_after_two(path, tmp_path / "part", _text(1), opts)
     part = calibrate(str(path), tmp_path / "part", SPEC, "gptq", calibration=_text(1), options=opts, **CALIB)
     assert [k for k, v in part.losses.items() if v is None] == ["layers.0", "layers.1"]
-    files = sorted(p.relative_to(full.path) for p in full.path.rglob("*") if p.is_file())
+    files = _same_files(full.path, part.path)
     assert any(f.parts[0] == "blocks" for f in files)
-    for f in files:
-        assert (full.path / f).read_bytes() == (part.path / f).read_bytes(), f
     with torch.no_grad():
         ref = reference(path)(eval_ids).logits
     ours, rtn = _logits(full.path, eval_ids), _logits(path, eval_ids, quantize=SPEC)
