@@ -61,6 +61,11 @@ def gptq_suffix(args) -> str:
     opts += [f"sink x{args.sink_weight:g}"] if args.sink_weight != 1 else []
     opts += [f"refit {args.refit}"] if args.refit else []
     opts += [f"fp target {args.fp_target:g}"] if args.fp_target else []
+    if args.tune:
+        opts += [f"tune {args.tune}" + ("" if args.tune_round else " scales only")
+                 + (f" lr {args.tune_lr:g}" if args.tune_lr != 3e-3 else "")
+                 + (f" batch {args.tune_batch}" if args.tune_batch != 4 else "")
+                 + (f" sink x{args.tune_sink_weight:g}" if args.tune_sink_weight != 1 else "")]
     return f" ({', '.join(opts)})" if opts else ""
 
 
@@ -85,15 +90,19 @@ def run(args) -> dict:
             opts = CalibOptions(desc_act=method == "gptq-act", awq_grid=args.grid, damp_percent=args.damp,
                                 awq_search_samples=args.awq_samples, static_groups=args.static_groups,
                                 mse=args.mse, sink_weight=args.sink_weight,
-                                refit=args.refit, fp_target=args.fp_target)
+                                refit=args.refit, fp_target=args.fp_target, tune=args.tune,
+                                tune_lr=args.tune_lr, tune_batch=args.tune_batch,
+                                tune_sink_weight=args.tune_sink_weight, tune_round=bool(args.tune_round))
             ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
                            n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
-                           options=opts, overwrite=True, progress=True)
+                           options=opts, overwrite=True, progress=True, device=args.device)
             calib_s = time.perf_counter() - t
             ppl = exa_ppl(ck.path, None, ids, args)
         if method.startswith("gptq"):
             label += gptq_suffix(args)
         out.append({"config": label, "ppl": ppl, "s": time.perf_counter() - t, "calib_s": calib_s})
+        if calib_s is not None and ck.stats.get("tune"):
+            out[-1]["tune_loss"] = ck.stats["tune"]       # per layer: (GPTQ's, tuned) layer loss
         print(out[-1], flush=True)
         if args.out:                                      # partial results survive an interruption
             Path(args.out).write_text(json.dumps(out, indent=1))
@@ -135,6 +144,14 @@ if __name__ == "__main__":
                     help="GPTQ: rounds of closed-form refits of the group grids to the codes")
     ap.add_argument("--fp-target", type=float, default=0.0,
                     help="GPTQ: aim at the float model's outputs (1 = fully, GPTAQ-style)")
+    ap.add_argument("--tune", type=int, default=0,
+                    help="GPTQ: steps of block-wise tuning of each layer's output (0: off)")
+    ap.add_argument("--tune-lr", type=float, default=3e-3, help="GPTQ tune: Adam step of the log scales")
+    ap.add_argument("--tune-batch", type=int, default=4, help="GPTQ tune: windows per step")
+    ap.add_argument("--tune-sink-weight", type=float, default=1.0,
+                    help="GPTQ tune: weight of each window's first token in the layer loss")
+    ap.add_argument("--tune-round", type=int, default=1, help="GPTQ tune: 1 also moves codes, 0 scales only")
+    ap.add_argument("--device", default=None, help="where GPTQ / AWQ calibrate (default: cuda if present)")
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--work", help="where calibrated checkpoints are written (default: a temp dir)")
     ap.add_argument("--out", default=None)

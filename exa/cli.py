@@ -152,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="gptq: rounds of closed-form refits of the group grids to the codes (default 0)")
     q.add_argument("--fp-target", type=float, default=0.0, metavar="A",
                    help="gptq: aim at the float model's outputs (1 = fully, GPTAQ-style; default 0)")
+    q.add_argument("--tune", type=int, default=0, metavar="STEPS",
+                   help="gptq: steps of block-wise tuning of each quantized layer's output (default 0 = off)")
+    q.add_argument("--tune-sink-weight", type=float, default=1.0, metavar="W",
+                   help="gptq --tune: weight of each window's first token in the layer loss (default 1)")
     q.add_argument("--device", type=_device, metavar="DEVICE", help="where gptq/awq run (default: cuda if present)")
     q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric int grid")
@@ -278,7 +282,8 @@ def _cmd_quantize(args) -> None:
                      calibration=args.calib, calibration_samples=args.calib_samples,
                      calibration_seqlen=args.calib_seqlen, damp_percent=args.damp, desc_act=args.desc_act,
                      mse=args.mse, sink_weight=args.sink_weight,
-                     refit=args.refit, fp_target=args.fp_target, device=args.device)
+                     refit=args.refit, fp_target=args.fp_target, tune=args.tune,
+                     tune_sink_weight=args.tune_sink_weight, device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:
         done = {k: v for k, v in q.losses.items() if v is not None}

@@ -27,8 +27,9 @@ class GPTQInference:
         group_size: GPTQ group size (-1 = per channel).
         desc_act: act-order.
         damp_percent: Hessian dampening.
-        mse, sink_weight, refit, fp_target: clipping search, attention-sink weighting, grid
-            refit and float-model target (see ``exa.Quantize``).
+        mse, sink_weight, refit, fp_target, tune, tune_sink_weight: clipping search,
+            attention-sink weighting, grid refit, float-model target and block-wise tuning
+            (see ``exa.Quantize``).
         calibration_samples, calibration_seqlen: number and length of the calibration windows.
         cache_dir: where quantized checkpoints are kept (default: the exa cache directory).
         **inference_kwargs: passed to ``exa.Inference`` (offload, max_gpu_memory, device, ...).
@@ -38,6 +39,7 @@ class GPTQInference:
                  quantization_config_dataset: str | Sequence[str] | None = None, max_length: int = 500, *,
                  group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0, fp_target: float = 0.0,
+                 tune: int = 0, tune_sink_weight: float = 1.0,
                  calibration_samples: int = 128, calibration_seqlen: int = 512,
                  cache_dir: str | Path | None = None, **inference_kwargs):
         from runtime.assets import default_model
@@ -53,6 +55,8 @@ class GPTQInference:
                              calibration_seqlen=calibration_seqlen)
         if refit or fp_target:          # only when set: earlier cache entries keep their keys
             self.settings.update(refit=refit, fp_target=fp_target)
+        if tune:
+            self.settings.update(tune=tune, tune_sink_weight=tune_sink_weight)
         self._cache_root = Path(cache_dir) if cache_dir else None
         self.inference_kwargs = inference_kwargs
         self._llm = None
@@ -83,6 +87,7 @@ class GPTQInference:
                      calibration_seqlen=s["calibration_seqlen"], damp_percent=s["damp_percent"],
                      desc_act=s["desc_act"], mse=s["mse"], sink_weight=s["sink_weight"],
                      refit=s.get("refit", 0), fp_target=s.get("fp_target", 0.0),
+                     tune=s.get("tune", 0), tune_sink_weight=s.get("tune_sink_weight", 1.0),
                      device=self.inference_kwargs.get("device"))
         return q.save(out, progress=progress)
 

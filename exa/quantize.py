@@ -59,6 +59,10 @@ class Quantize:
         fp_target: GPTQ: aim each linear at the float model's output on the float model's
             inputs (1 = fully, GPTAQ-style; 0 = off, standard GPTQ); keeps the float hidden
             states alongside the quantized ones and one extra copy of a layer's weights.
+        tune: GPTQ: steps of block-wise tuning once each decoder layer is quantized (0 = off):
+            each group's scale and each code (by one step at most) are fitted to the float
+            layer's output; kept only where it lowers the layer's loss (runtime/quant/blocktune.py).
+        tune_sink_weight: GPTQ tune: weight of each window's first token in that loss (1 = off).
         device: where calibration runs ("cuda" when available, else "cpu").
     """
 
@@ -70,7 +74,7 @@ class Quantize:
                  calibration_seqlen: int = 512, damp_percent: float = 0.01, desc_act: bool = False,
                  static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0,
-                 fp_target: float = 0.0):
+                 fp_target: float = 0.0, tune: int = 0, tune_sink_weight: float = 1.0):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -91,11 +95,16 @@ class Quantize:
             raise ValueError(f"sink_weight must be > 0, got {sink_weight!r}")
         if int(refit) != refit or refit < 0:
             raise ValueError(f"refit must be a whole number >= 0, got {refit!r}")
+        if int(tune) != tune or tune < 0:
+            raise ValueError(f"tune must be a whole number of steps >= 0, got {tune!r}")
+        if not tune_sink_weight > 0:
+            raise ValueError(f"tune_sink_weight must be > 0, got {tune_sink_weight!r}")
         if not 0 <= fp_target <= 1:
             raise ValueError(f"fp_target must be in [0, 1], got {fp_target!r}")
         self.calib_options = dict(damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups,
                                   true_sequential=true_sequential, mse=mse, sink_weight=float(sink_weight),
-                                  refit=int(refit), fp_target=float(fp_target))
+                                  refit=int(refit), fp_target=float(fp_target), tune=int(tune),
+                                  tune_sink_weight=float(tune_sink_weight))
         self.losses: dict[str, float] = {}         # gptq/awq: layer -> loss (None: resumed)
         self.model_id, self.skip_modules = model_id, list(skip_modules)
         self.compute_dtype, self.verbose = compute_dtype, verbose

@@ -20,8 +20,9 @@ checkpoint's blocks. The calibration windows flow through the model block by blo
 GPTQ options beyond the paper's (CalibOptions): ``sink_weight`` weighs each window's first
 token(s) more in the Hessians of the linears reading the attention's input (q/k/v; see
 _hessian_hook), ``mse`` searches each group's clipping range,
-``refit`` refits the group grids to GPTQ's codes (refit.py) and ``fp_target`` aims each linear at
-the float model's output (fp_target.py).
+``refit`` refits the group grids to GPTQ's codes (refit.py), ``fp_target`` aims each linear at
+the float model's output (fp_target.py) and ``tune`` fits each quantized layer's output to the
+float layer's (blocktune.py).
 
 At most one block's weights are bound at a time, plus the calibration activations
 ``[n_samples, seqlen, hidden]``. Finished blocks found in the output directory (sha256 checked,
@@ -48,6 +49,7 @@ from runtime.models.groups import groups_for
 from runtime.qcheckpoint import ResumableWriter
 
 from . import awq, intq
+from .blocktune import tune_layer
 from .calib_data import Calibration, calibration_ids, ids_digest
 from .fp_target import FloatTarget
 from .gptq import Hessian, check_spec, gptq_quantize
@@ -71,6 +73,11 @@ class CalibOptions:
     sink_positions: int = 1               # the attention's input linears (q/k/v), see _hessian_hook
     refit: int = 0                        # GPTQ: rounds of closed-form grid refits (refit.py)
     fp_target: float = 0.0                # GPTQ: weight of the float model's outputs as target (1 = GPTAQ)
+    tune: int = 0                         # GPTQ: steps of block-wise tuning of each layer (blocktune.py)
+    tune_lr: float = 3e-3                 # ... Adam step of the log scale multipliers
+    tune_batch: int = 4                   # ... windows per step
+    tune_sink_weight: float = 1.0         # ... weight of each window's first token in the layer loss
+    tune_round: bool = True               # ... also move codes by one step (else scales only)
 
 
 @dataclass
@@ -169,7 +176,9 @@ class Calibrator:
                 loss, buf = self._quantize_layer(fp_by_name[qb.name], qb, hs, kwargs)
                 self.writer.write(idx, qb, buf)
                 losses[qb.name] = loss
-                bar.set_postfix(loss=f"{loss:.4g}")
+                tuned = self.stats["tune"][-1] if self.opts.tune and self.method == "gptq" else None
+                bar.set_postfix(loss=f"{loss:.4g}", **({"tuned": f"{tuned[1] / tuned[0]:.3f}x"}
+                                                        if tuned and tuned[0] > 0 else {}))
             else:
                 losses[qb.name] = None
                 bar.set_postfix(loss="resumed")
@@ -228,7 +237,10 @@ class Calibrator:
         try:
             layer, targets = self.fp_layers[i], self._targets(i)
             if self.method == "gptq":
+                y = self._float_outputs(layer, hs, kwargs) if self.opts.tune and self.hs_fp is None else None
                 packed, loss = self._gptq(layer, targets, hs, kwargs)
+                if self.opts.tune:
+                    packed = self._tune(layer, targets, packed, hs, self.hs_fp if y is None else y, kwargs)
             else:
                 packed, loss = self._awq(layer, targets, hs, kwargs)
             pre = f"{self.prefix}.{i}."
@@ -242,6 +254,18 @@ class Calibrator:
             return loss, pack(tensors, qb.layout)
         finally:
             self._unbind("fp:" + fb.name, fb)
+
+    def _float_outputs(self, layer: nn.Module, hs: Tensor, kwargs: dict) -> Tensor:
+        """The float layer's outputs on ``hs`` (the tuning target when no float states are kept)."""
+        return torch.cat([_first(layer(hs[j:j + 1], **kwargs)) for j in range(hs.shape[0])])
+
+    def _tune(self, layer, targets, packed, hs, y, kwargs) -> dict:
+        o = self.opts
+        res = tune_layer(layer, targets, packed, self.spec, hs, y, kwargs, steps=o.tune, batch=o.tune_batch,
+                         lr=o.tune_lr, round_lr=None if o.tune_round else 0.0,
+                         sink_weight=o.tune_sink_weight, sink_positions=o.sink_positions)
+        self.stats.setdefault("tune", []).append((res.before, res.after))
+        return res.packed
 
     def _forward_all(self, layer: nn.Module, hs: Tensor, kwargs: dict) -> None:
         for j in range(hs.shape[0]):
