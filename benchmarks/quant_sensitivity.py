@@ -5,7 +5,7 @@ benchmarks/quality.py) the fully quantized model and the same model with one dec
 one kind of linear in every layer, put back to float. The perplexity each restore wins back is
 that part's share of the loss (the shares need not add up: errors interact).
 
-    python benchmarks/quant_sensitivity.py CKPT [--max-tokens 4096] [--device cuda] [--out s.json]
+    python benchmarks/quant_sensitivity.py CKPT [--max-tokens 4096] [--device cuda] [--total-only] [--out s.json]
 
 The float model defaults to the embedded SmolLM2-135M-Instruct (fp32) and the text to the
 evaluation half of lee_background, as benchmarks/quality_calib.py scores them.
@@ -58,6 +58,8 @@ def main(args) -> dict:
     res = {"ckpt": args.ckpt, "tokens": int(ids.numel()), "baseline": base, "quantized": allq,
            "layers": {}, "kinds": {}}
     print(f"baseline {base:.3f}  quantized {allq:.3f} ({allq / base - 1:+.2%})", flush=True)
+    if args.total_only:
+        return res
     layer_of = {n: int(m.group(1)) for n in quant if (m := re.search(r"\.layers\.(\d+)\.", n))}
     for i in sorted(set(layer_of.values())):
         p = ppl(lambda n: layer_of.get(n) == i)
@@ -78,6 +80,7 @@ if __name__ == "__main__":
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--total-only", action="store_true", help="score baseline and quantized only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = main(args)
