@@ -50,7 +50,7 @@ class _Linear:
 
     def __init__(self, t: dict[str, Tensor], spec: QuantSpec, N: int, K: int, device):
         self.N, self.K, self.g = N, K, group_of(spec, K, ragged=True)
-        self.maxq = 2 ** spec.bits - 1
+        self.bits, self.maxq = spec.bits, 2 ** spec.bits - 1
         self.q = intq.unpack_codes(t["qweight"], spec.bits, K).to(device, torch.float32)   # [N, K]
         self.s = t["scales"].to(device, torch.float32)                                      # [N, G]
         self.z = (t["zeros"].to(device, torch.float32) if "zeros" in t
@@ -75,7 +75,7 @@ class _Linear:
     def pack(self, t: dict[str, Tensor]) -> dict[str, Tensor]:
         out = dict(t)
         q = (self.q + torch.round(self.v)).clamp(0, self.maxq).to(torch.uint8)
-        out["qweight"] = intq.pack_codes(q, self.maxq.bit_length()).to(t["qweight"].device)
+        out["qweight"] = intq.pack_codes(q, self.bits).to(t["qweight"].device)
         out["scales"] = self.scales().to(t["scales"].device, torch.float16)
         return out
 
