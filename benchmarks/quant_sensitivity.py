@@ -7,8 +7,8 @@ that part's share of the loss (the shares need not add up: errors interact).
 
     python benchmarks/quant_sensitivity.py CKPT [--max-tokens 4096] [--device cuda] [--total-only] [--out s.json]
 
-The float model defaults to the embedded SmolLM2-135M-Instruct (fp32) and the text to the
-evaluation half of lee_background, as benchmarks/quality_calib.py scores them.
+The float model defaults to the embedded SmolLM2-135M-Instruct (fp32) and the text (``--text``)
+to the evaluation half of lee_background, as benchmarks/quality_calib.py scores them.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     fp_dir = args.fp or str(default_model_safetensors())
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).to(args.device).eval()
-    text = lee_background_split()[0]
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else lee_background_split()[0]
     ids = AutoTokenizer.from_pretrained(fp_dir)(text, return_tensors="pt")["input_ids"][0][: args.max_tokens]
     quant = quantized_weights(args.ckpt)
     params = dict(model.named_parameters())
@@ -76,6 +76,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", help="an exa quantized checkpoint of the float model")
     ap.add_argument("--fp", default=None, help="the float model's directory (default: the embedded model)")
+    ap.add_argument("--text", default=None, help="a UTF-8 file to score (default: lee_background's first half)")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
