@@ -1,6 +1,4 @@
 """Block-wise tuning of a quantized decoder layer (runtime/quant/blocktune.py, GPTQ's ``tune``)."""
-import json
-
 import pytest
 import torch
 
@@ -81,18 +79,3 @@ def test_tuned_gptq_runs_through_the_engine_and_resumes_to_the_same_bytes(tiny_m
     assert [k for k, v in part.losses.items() if v is None] == ["layers.0", "layers.1"]
     _same_files(full.path, part.path)
 
-
-def test_tune_reaches_the_checkpoint_through_cli_and_api(tiny_models, tmp_path):
-    import exa
-    from exa.cli import main
-    path = tiny_models("llama")
-    calib = tmp_path / "calib.txt"
-    calib.write_text("\n".join(_text(4)))
-    main(["quantize", str(path), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", str(calib),
-          "--calib-samples", "4", "--calib-seqlen", "64", "--tune", "5", "--tune-sink-weight", "4",
-          "--out", str(tmp_path / "cli")])
-    used = json.loads((tmp_path / "cli" / "exa.json").read_text())["metadata"]["options"]
-    assert (used["tune"], used["tune_sink_weight"]) == (5, 4.0)
-    for bad in ({"tune": -1}, {"tune": 2.5}, {"tune_sink_weight": 0}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            exa.Quantize(str(path), method="gptq", **bad)

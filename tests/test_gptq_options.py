@@ -170,8 +170,13 @@ def test_fp_target_calibrates_resumes_and_beats_rtn(tiny_models, tmp_path, eval_
     assert float(((ours - ref) ** 2).mean()) < 0.8 * float(((rtn - ref) ** 2).mean())
 
 
-def test_new_options_reach_the_checkpoint_through_cli_and_api(tiny_models, tmp_path):
-    """refit / fp_target flow from `exa quantize` into the recorded run options;
+@pytest.mark.parametrize("flags,used,bads", [
+    (["--refit", "2", "--fp-target", "0.5"], {"refit": 2, "fp_target": 0.5}, [{"refit": -1}, {"fp_target": 1.5}]),
+    (["--tune", "5", "--tune-sink-weight", "4"], {"tune": 5, "tune_sink_weight": 4.0},
+     [{"tune": -1}, {"tune": 2.5}, {"tune_sink_weight": 0}]),
+], ids=["refit-fp-target", "tune"])
+def test_new_options_reach_the_checkpoint_through_cli_and_api(tiny_models, tmp_path, flags, used, bads):
+    """refit / fp_target / tune flow from `exa quantize` into the recorded run options;
     bad values are refused by exa.Quantize."""
     import json
 
@@ -181,10 +186,9 @@ def test_new_options_reach_the_checkpoint_through_cli_and_api(tiny_models, tmp_p
     calib = tmp_path / "calib.txt"
     calib.write_text("\n".join(_text(4)))
     main(["quantize", str(path), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", str(calib),
-          "--calib-samples", "4", "--calib-seqlen", "64", "--refit", "2", "--fp-target", "0.5",
-          "--out", str(tmp_path / "cli")])
-    used = json.loads((tmp_path / "cli" / "exa.json").read_text())["metadata"]["options"]
-    assert (used["refit"], used["fp_target"]) == (2, 0.5)
-    for bad in ({"refit": -1}, {"fp_target": 1.5}):
+          "--calib-samples", "4", "--calib-seqlen", "64", *flags, "--out", str(tmp_path / "cli")])
+    recorded = json.loads((tmp_path / "cli" / "exa.json").read_text())["metadata"]["options"]
+    assert {k: recorded[k] for k in used} == used
+    for bad in bads:
         with pytest.raises(ValueError, match=next(iter(bad))):
             exa.Quantize(str(path), method="gptq", **bad)
