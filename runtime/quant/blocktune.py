@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from . import intq
 from ._common import group_of
+from .refit import dequant
 from .spec import QuantSpec
 
 __all__ = ["TuneResult", "tune_layer"]
@@ -58,9 +59,6 @@ class _Linear:
         self.a = torch.zeros_like(self.s, requires_grad=True)
         self.v = torch.zeros_like(self.q, requires_grad=True)
 
-    def _expand(self, x: Tensor) -> Tensor:
-        return x.repeat_interleave(self.g, dim=1)[:, :self.K]
-
     def codes(self) -> Tensor:
         v = self.v
         return (self.q + v + (torch.round(v) - v).detach()).clamp(0, self.maxq)   # straight-through
@@ -69,7 +67,7 @@ class _Linear:
         return self.s * torch.exp(self.a)
 
     def weight(self) -> Tensor:
-        return (self.codes() - self._expand(self.z)) * self._expand(self.scales())
+        return dequant(self.codes(), self.scales(), self.z, self.g)
 
     @torch.no_grad()
     def pack(self, t: dict[str, Tensor]) -> dict[str, Tensor]:
