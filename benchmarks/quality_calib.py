@@ -16,6 +16,9 @@ model is unusually sensitive to re-quantization at group 128; see RESULTS.md.
         --only act-order      # GPTQ int4 g128 with attention-sink weighting (+9.9%)
     python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
         --refit 2 --fp-target 1 --only act-order      # + grid refit and float target (+7.1%)
+    python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
+        --refit 2 --fp-target 1 --tune 200 --tune-sink-weight 16 --only act-order --work DIR
+        # + block-wise tuning; score DIR's checkpoint on 16,384 tokens with quant_sensitivity.py
 """
 from __future__ import annotations
 
