@@ -209,6 +209,48 @@ class ResumableWriter:
         return f"blocks/{index:05d}-{block.name}.safetensors"
 
 
+def rewrite_tensors(ckpt_dir: str | Path, updates: dict[str, torch.Tensor], metadata: dict) -> Path:
+    """Replace some tensors of an exa checkpoint (same shapes and dtypes) and merge ``metadata``
+    into its manifest. Only the shards holding a replaced tensor are rewritten (sha256
+    recomputed); the new checkpoint is built beside the old one and swapped in by renames, so
+    an interruption leaves either the old or the new checkpoint, never a mix."""
+    src = Path(ckpt_dir)
+    m = json.loads((src / MANIFEST).read_text())
+    tmp = src.parent / f".{src.name}.rewrite-{os.getpid()}"
+    old = src.parent / f".{src.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    try:
+        todo = dict(updates)
+        for row in m["blocks"]:
+            layout = Layout.from_json(row["layout"])
+            hit = [e for e in layout.entries if e.name in todo]
+            if not hit:
+                continue
+            buf = read_shard(src / row["file"]).clone()
+            got = dict(zip((e.name for e in layout.entries), views(buf, layout)))
+            for e in hit:
+                new = todo.pop(e.name)
+                if tuple(new.shape) != tuple(got[e.name].shape):
+                    raise ValueError(f"{e.name}: shape {tuple(new.shape)} != stored {tuple(got[e.name].shape)}")
+                got[e.name].copy_(new.to(got[e.name].dtype))
+            row["sha256"] = write_shard(tmp / row["file"], buf[: row["nbytes"]], layout)
+        if todo:
+            raise KeyError(f"not in {src}: {sorted(todo)[:5]}")
+        m["metadata"] = {**m.get("metadata", {}), **metadata}
+        _write_json(tmp / MANIFEST, m, atomic=True)
+        _fsync_dir(tmp / "blocks")
+        _fsync_dir(tmp)
+        os.replace(src, old)
+        os.replace(tmp, src)
+        _fsync_dir(src.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return src
+
+
 def is_exa_checkpoint(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
