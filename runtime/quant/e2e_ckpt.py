@@ -1,0 +1,115 @@
+"""The end-to-end distillation stage (e2etune.py) applied to a finished exa checkpoint.
+
+``tune_checkpoint(ckpt_dir, source)`` loads the float model from ``source`` (any checkpoint
+exa opens; its blocks are read and bound as the engine does, all resident) and the quantized
+checkpoint's codes, scales and other tensors; tunes the scales (and norms) on windows of the
+calibration text (the last eighth of the windows held out to choose the best step and to
+decide whether to keep the result), optionally on windows sampled from the float model too;
+and rewrites the checkpoint's changed shards atomically (qcheckpoint.rewrite_tensors), the
+settings and the held-out KL before/after recorded in the manifest under ``e2e``. A checkpoint
+already tuned with the same settings is left as it is.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from runtime.checkpoint import open_checkpoint
+from runtime.executor import bind
+from runtime.loader import assign_layouts, build_skeleton, define_blocks, move_buffers, pack_block, resolve_sources
+from runtime.qcheckpoint import MANIFEST, rewrite_tensors
+
+from .calib_data import Calibration, calibration_text
+from .e2etune import E2EResult, e2e_tune, load_quantized
+
+__all__ = ["float_model", "sampled_windows", "split_windows", "tune_checkpoint"]
+
+
+def float_model(source: str, device) -> tuple[nn.Module, object]:
+    """The float model of ``source`` with every block read and bound on ``device`` (and its
+    checkpoint, for the tokenizer)."""
+    ckpt = open_checkpoint(str(source))
+    if getattr(ckpt, "quant", None) is not None:
+        raise ValueError(f"the e2e teacher must be a float model; {source} is quantized")
+    model, arch = build_skeleton(ckpt.config)
+    blocks = define_blocks(model, arch)
+    assign_layouts(model, blocks, torch.float32)
+    resolve_sources(model, blocks, ckpt)
+    move_buffers(model, device)
+    for b in blocks:
+        bind(b, pack_block(ckpt, b).to(device))
+    ckpt.close()
+    return model, ckpt
+
+
+def split_windows(ids: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
+    """Every whole ``seqlen`` window of the token stream ``ids``: (training, held out), the
+    held-out part being the last eighth (at least one window)."""
+    n = ids.numel() // seqlen
+    if n < 2:
+        raise ValueError(f"e2e tuning needs at least 2 windows of {seqlen} tokens of calibration text, "
+                         f"got {ids.numel()} tokens")
+    w = ids[: n * seqlen].reshape(n, seqlen)
+    val = max(1, n // 8)
+    return w[: n - val], w[n - val:]
+
+
+def sampled_windows(model: nn.Module, prompts: Tensor, n: int, seqlen: int, *, prefix: int = 8,
+                    batch: int = 64, seed: int = 1) -> Tensor:
+    """``n`` windows of ``seqlen`` tokens sampled from ``model`` (temperature 1, no top-k or
+    top-p), each continuing the first ``prefix`` tokens of a random window of ``prompts``."""
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    out: list[Tensor] = []
+    done = 0
+    while done < n:
+        b = min(batch, n - done)
+        p = prompts[torch.randint(0, prompts.shape[0], (b,), generator=gen), :prefix].to(dev)
+        with torch.no_grad():
+            ids = model.generate(p, attention_mask=torch.ones_like(p), pad_token_id=model.config.eos_token_id,
+                                 do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 max_new_tokens=seqlen - prefix, min_new_tokens=seqlen - prefix)
+        out.append(ids[:, :seqlen].cpu())
+        done += b
+    return torch.cat(out)
+
+
+def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibration: Calibration = None,
+                    lr: float = 1e-3, batch: int = 4, generate: int = 0, seqlen: int = 512,
+                    norms: bool = True, device: str | None = None, progress: bool = True) -> E2EResult | None:
+    """Tune the exa checkpoint ``ckpt_dir`` (quantized from ``source``) end to end (module doc).
+    Returns the result, or None when the checkpoint was already tuned with these settings."""
+    import json
+
+    from transformers import AutoTokenizer
+    ckpt_dir = Path(ckpt_dir)
+    settings = {"steps": int(steps), "lr": float(lr), "batch": int(batch), "generate": int(generate),
+                "seqlen": int(seqlen), "norms": bool(norms)}
+    done = json.loads((ckpt_dir / MANIFEST).read_text()).get("metadata", {}).get("e2e")
+    if done is not None and done.get("settings") == settings:
+        return None
+    if done is not None:
+        raise ValueError(f"{ckpt_dir} was already e2e-tuned with other settings ({done.get('settings')}); "
+                         "quantize it again to tune it anew")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec, quant, other = load_quantized(ckpt_dir)
+    model, ckpt = float_model(source, dev)
+    tok = AutoTokenizer.from_pretrained(**ckpt.tokenizer_kwargs)
+    ids = tok(calibration_text(calibration), return_tensors="pt")["input_ids"][0]
+    train, val = split_windows(ids, seqlen)
+    if generate:
+        train = torch.cat([train, sampled_windows(model, train, generate, seqlen)])
+    res = e2e_tune(model, quant, spec, train, val, steps=steps, lr=lr, batch=batch, norms=norms,
+                   init=other, eval_every=max(1, min(25, steps)), progress=progress)
+    updates: dict[str, Tensor] = {}
+    if res.kept:
+        updates.update({f"{n}.scales": s for n, s in res.scales.items()})
+        updates.update({n: w for n, w in res.norms.items() if n in other})
+    rewrite_tensors(ckpt_dir, updates, {"e2e": {"settings": settings, "kl_before": res.before,
+                                                "kl_after": res.after, "kept": res.kept,
+                                                "train_windows": int(train.shape[0]),
+                                                "held_out_windows": int(val.shape[0])}})
+    return res
