@@ -19,6 +19,9 @@ model is unusually sensitive to re-quantization at group 128; see RESULTS.md.
     python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
         --refit 2 --fp-target 1 --tune 200 --tune-sink-weight 16 --only act-order --work DIR
         # + block-wise tuning; score DIR's checkpoint on 16,384 tokens with quant_sensitivity.py
+    python benchmarks/quality_calib.py --max-tokens 4096 --bits 4 --act-order --sink-weight 512 --mse \
+        --refit 2 --fp-target 1 --tune 200 --tune-sink-weight 16 --e2e 200 --e2e-batch 8 --e2e-generate 192 \
+        --only act-order --work DIR      # + end-to-end distillation (runtime/quant/e2etune.py)
 """
 from __future__ import annotations
 
@@ -69,6 +72,10 @@ def gptq_suffix(args) -> str:
                  + (f" lr {args.tune_lr:g}" if args.tune_lr != 3e-3 else "")
                  + (f" batch {args.tune_batch}" if args.tune_batch != 4 else "")
                  + (f" sink x{args.tune_sink_weight:g}" if args.tune_sink_weight != 1 else "")]
+    if args.e2e:
+        opts += [f"e2e {args.e2e}" + (f" lr {args.e2e_lr:g}" if args.e2e_lr != 1e-3 else "")
+                 + (f" batch {args.e2e_batch}" if args.e2e_batch != 4 else "")
+                 + (f" + {args.e2e_generate} sampled windows" if args.e2e_generate else "")]
     return f" ({', '.join(opts)})" if opts else ""
 
 
@@ -99,6 +106,10 @@ def run(args) -> dict:
             ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
                            n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
                            options=opts, overwrite=True, progress=True, device=args.device)
+            if args.e2e:
+                from runtime.quant.e2e_ckpt import tune_checkpoint
+                e2e = tune_checkpoint(ck.path, str(path), steps=args.e2e, lr=args.e2e_lr, batch=args.e2e_batch,
+                                      generate=args.e2e_generate, seqlen=args.seqlen, device=args.device)
             calib_s = time.perf_counter() - t
             ppl = exa_ppl(ck.path, None, ids, args)
         if method.startswith("gptq"):
@@ -106,6 +117,9 @@ def run(args) -> dict:
         out.append({"config": label, "ppl": ppl, "s": time.perf_counter() - t, "calib_s": calib_s})
         if calib_s is not None and ck.stats.get("tune"):
             out[-1]["tune_loss"] = ck.stats["tune"]       # per layer: (GPTQ's, tuned) layer loss
+        if calib_s is not None and args.e2e:
+            out[-1]["e2e"] = {"kl_before": e2e.before, "kl_after": e2e.after, "kept": e2e.kept,
+                              "history": e2e.history}
         print(out[-1], flush=True)
         if args.out:                                      # partial results survive an interruption
             Path(args.out).write_text(json.dumps(out, indent=1))
@@ -154,6 +168,10 @@ if __name__ == "__main__":
     ap.add_argument("--tune-sink-weight", type=float, default=1.0,
                     help="GPTQ tune: weight of each window's first token in the layer loss")
     ap.add_argument("--tune-round", type=int, default=1, help="GPTQ tune: 1 also moves codes, 0 scales only")
+    ap.add_argument("--e2e", type=int, default=0, help="steps of end-to-end distillation after calibration")
+    ap.add_argument("--e2e-lr", type=float, default=1e-3, help="e2e: Adam step of the log multipliers")
+    ap.add_argument("--e2e-batch", type=int, default=4, help="e2e: windows per step")
+    ap.add_argument("--e2e-generate", type=int, default=0, help="e2e: also distil on N windows sampled from the model")
     ap.add_argument("--device", default=None, help="where GPTQ / AWQ calibrate (default: cuda if present)")
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--work", help="where calibrated checkpoints are written (default: a temp dir)")

@@ -156,6 +156,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="gptq: steps of block-wise tuning of each quantized layer's output (default 0 = off)")
     q.add_argument("--tune-sink-weight", type=float, default=1.0, metavar="W",
                    help="gptq --tune: weight of each window's first token in the layer loss (default 1)")
+    q.add_argument("--e2e", type=int, default=0, metavar="STEPS",
+                   help="gptq/awq: steps of end-to-end distillation of the scales and norms to the float "
+                        "model (default 0 = off; needs the whole model in memory)")
+    q.add_argument("--e2e-generate", type=int, default=0, metavar="N",
+                   help="--e2e: also distil on N windows sampled from the float model (default 0)")
     q.add_argument("--device", type=_device, metavar="DEVICE", help="where gptq/awq run (default: cuda if present)")
     q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric int grid")
@@ -283,7 +288,8 @@ def _cmd_quantize(args) -> None:
                      calibration_seqlen=args.calib_seqlen, damp_percent=args.damp, desc_act=args.desc_act,
                      mse=args.mse, sink_weight=args.sink_weight,
                      refit=args.refit, fp_target=args.fp_target, tune=args.tune,
-                     tune_sink_weight=args.tune_sink_weight, device=args.device)
+                     tune_sink_weight=args.tune_sink_weight, e2e=args.e2e, e2e_generate=args.e2e_generate,
+                     device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:
         done = {k: v for k, v in q.losses.items() if v is not None}

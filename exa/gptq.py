@@ -27,9 +27,9 @@ class GPTQInference:
         group_size: GPTQ group size (-1 = per channel).
         desc_act: act-order.
         damp_percent: Hessian dampening.
-        mse, sink_weight, refit, fp_target, tune, tune_sink_weight: clipping search,
-            attention-sink weighting, grid refit, float-model target and block-wise tuning
-            (see ``exa.Quantize``).
+        mse, sink_weight, refit, fp_target, tune, tune_sink_weight, e2e, e2e_generate: clipping
+            search, attention-sink weighting, grid refit, float-model target, block-wise and
+            end-to-end tuning (see ``exa.Quantize``).
         calibration_samples, calibration_seqlen: number and length of the calibration windows.
         cache_dir: where quantized checkpoints are kept (default: the exa cache directory).
         **inference_kwargs: passed to ``exa.Inference`` (offload, max_gpu_memory, device, ...).
@@ -39,7 +39,7 @@ class GPTQInference:
                  quantization_config_dataset: str | Sequence[str] | None = None, max_length: int = 500, *,
                  group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0, fp_target: float = 0.0,
-                 tune: int = 0, tune_sink_weight: float = 1.0,
+                 tune: int = 0, tune_sink_weight: float = 1.0, e2e: int = 0, e2e_generate: int = 0,
                  calibration_samples: int = 128, calibration_seqlen: int = 512,
                  cache_dir: str | Path | None = None, **inference_kwargs):
         from runtime.assets import default_model
@@ -57,6 +57,8 @@ class GPTQInference:
             self.settings.update(refit=refit, fp_target=fp_target)
         if tune:
             self.settings.update(tune=tune, tune_sink_weight=tune_sink_weight)
+        if e2e:
+            self.settings.update(e2e=e2e, e2e_generate=e2e_generate)
         self._cache_root = Path(cache_dir) if cache_dir else None
         self.inference_kwargs = inference_kwargs
         self._llm = None
@@ -79,15 +81,21 @@ class GPTQInference:
         """Quantize now (no-op when the cached checkpoint exists); returns its directory."""
         from exa.quantize import Quantize
         out = self.checkpoint_dir
-        if (out / "exa.json").is_file():
-            return out
         s = self.settings
+        if (out / "exa.json").is_file():
+            if s.get("e2e"):                # finishes an e2e stage that was interrupted (else a no-op)
+                from runtime.quant.e2e_ckpt import tune_checkpoint
+                tune_checkpoint(out, self.model_id, steps=s["e2e"], generate=s["e2e_generate"],
+                                calibration=self.dataset, seqlen=s["calibration_seqlen"],
+                                device=self.inference_kwargs.get("device"), progress=progress)
+            return out
         q = Quantize(self.model_id, bits=s["bits"], group_size=s["group_size"], method="gptq",
                      calibration=self.dataset, calibration_samples=s["calibration_samples"],
                      calibration_seqlen=s["calibration_seqlen"], damp_percent=s["damp_percent"],
                      desc_act=s["desc_act"], mse=s["mse"], sink_weight=s["sink_weight"],
                      refit=s.get("refit", 0), fp_target=s.get("fp_target", 0.0),
                      tune=s.get("tune", 0), tune_sink_weight=s.get("tune_sink_weight", 1.0),
+                     e2e=s.get("e2e", 0), e2e_generate=s.get("e2e_generate", 0),
                      device=self.inference_kwargs.get("device"))
         return q.save(out, progress=progress)
 

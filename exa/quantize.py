@@ -63,6 +63,13 @@ class Quantize:
             each group's scale and each code (by one step at most) are fitted to the float
             layer's output; kept only where it lowers the layer's loss (runtime/quant/blocktune.py).
         tune_sink_weight: GPTQ tune: weight of each window's first token in that loss (1 = off).
+        e2e: gptq/awq: steps of end-to-end distillation once every layer is written (0 = off):
+            every group's scale and every norm weight get a multiplier fitted so that the
+            quantized model's next-token distribution matches the float model's on the
+            calibration text (codes and zero points unchanged; the best step on a held-out
+            eighth of the text is kept, and only if it beats the untuned checkpoint;
+            runtime/quant/e2etune.py). Needs the whole model in the device's memory.
+        e2e_generate: e2e: also distil on this many windows sampled from the float model.
         device: where calibration runs ("cuda" when available, else "cpu").
     """
 
@@ -74,7 +81,8 @@ class Quantize:
                  calibration_seqlen: int = 512, damp_percent: float = 0.01, desc_act: bool = False,
                  static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0,
-                 fp_target: float = 0.0, tune: int = 0, tune_sink_weight: float = 1.0):
+                 fp_target: float = 0.0, tune: int = 0, tune_sink_weight: float = 1.0,
+                 e2e: int = 0, e2e_generate: int = 0):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -99,6 +107,12 @@ class Quantize:
             raise ValueError(f"tune must be a whole number of steps >= 0, got {tune!r}")
         if not tune_sink_weight > 0:
             raise ValueError(f"tune_sink_weight must be > 0, got {tune_sink_weight!r}")
+        for name, v in (("e2e", e2e), ("e2e_generate", e2e_generate)):
+            if int(v) != v or v < 0:
+                raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
+        if e2e and method == "rtn":
+            raise ValueError("e2e tunes a calibrated checkpoint: use method='gptq' or 'awq'")
+        self.e2e = dict(steps=int(e2e), generate=int(e2e_generate), seqlen=calibration_seqlen, device=device)
         if not 0 <= fp_target <= 1:
             raise ValueError(f"fp_target must be in [0, 1], got {fp_target!r}")
         self.calib_options = dict(damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups,
@@ -175,6 +189,9 @@ class Quantize:
                         options=CalibOptions(**self.calib_options), overwrite=overwrite, progress=progress,
                         metadata=self.metadata, **self.calib_kwargs)
         self.losses = res.losses
+        if self.e2e["steps"]:
+            from runtime.quant.e2e_ckpt import tune_checkpoint
+            tune_checkpoint(res.path, self.model_id, calibration=self.calibration, progress=progress, **self.e2e)
         if self.verbose:
             for name, loss in res.losses.items():
                 log.info("%s: %s loss %s", name, self.method, "resumed" if loss is None else f"{loss:.4g}")

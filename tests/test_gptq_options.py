@@ -174,10 +174,12 @@ def test_fp_target_calibrates_resumes_and_beats_rtn(tiny_models, tmp_path, eval_
     (["--refit", "2", "--fp-target", "0.5"], {"refit": 2, "fp_target": 0.5}, [{"refit": -1}, {"fp_target": 1.5}]),
     (["--tune", "5", "--tune-sink-weight", "4"], {"tune": 5, "tune_sink_weight": 4.0},
      [{"tune": -1}, {"tune": 2.5}, {"tune_sink_weight": 0}]),
-], ids=["refit-fp-target", "tune"])
+    (["--e2e", "3", "--e2e-generate", "2"], {"steps": 3, "generate": 2, "seqlen": 64},
+     [{"e2e": -1}, {"e2e_generate": 1.5}]),
+], ids=["refit-fp-target", "tune", "e2e"])
 def test_new_options_reach_the_checkpoint_through_cli_and_api(tiny_models, tmp_path, flags, used, bads):
-    """refit / fp_target / tune flow from `exa quantize` into the recorded run options;
-    bad values are refused by exa.Quantize."""
+    """refit / fp_target / tune (recorded run options) and e2e (its own manifest entry) flow
+    from `exa quantize` into the checkpoint; bad values are refused by exa.Quantize."""
     import json
 
     import exa
@@ -187,7 +189,8 @@ def test_new_options_reach_the_checkpoint_through_cli_and_api(tiny_models, tmp_p
     calib.write_text("\n".join(_text(4)))
     main(["quantize", str(path), "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", str(calib),
           "--calib-samples", "4", "--calib-seqlen", "64", *flags, "--out", str(tmp_path / "cli")])
-    recorded = json.loads((tmp_path / "cli" / "exa.json").read_text())["metadata"]["options"]
+    meta = json.loads((tmp_path / "cli" / "exa.json").read_text())["metadata"]
+    recorded = meta["e2e"]["settings"] if "--e2e" in flags else meta["options"]
     assert {k: recorded[k] for k in used} == used
     for bad in bads:
         with pytest.raises(ValueError, match=next(iter(bad))):
