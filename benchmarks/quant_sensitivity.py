@@ -27,12 +27,15 @@ from runtime.perplexity import perplexity_from_nll, sliding_nll  # noqa: E402
 from runtime.quant.linear import QuantLinear  # noqa: E402
 
 
-def quantized_weights(ckpt: str) -> dict[str, torch.Tensor]:
-    """Linear name -> its dequantized ``[N, K]`` float32 weight, from an exa checkpoint."""
+def quantized_weights(ckpt: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """From an exa checkpoint: linear name -> its dequantized ``[N, K]`` float32 weight, and the
+    checkpoint's normalisation weights (float; e2e tuning changes them, runtime/quant/e2etune.py)."""
     import exa
     with exa.Inference(ckpt, offload="none", device="cpu", progress=False) as llm:
-        return {n: m.dequantize(torch.float32) for n, m in llm.engine.model.named_modules()
-                if isinstance(m, QuantLinear)}
+        model = llm.engine.model
+        lin = {n: m.dequantize(torch.float32) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+        norms = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if "norm" in n}
+        return lin, norms
 
 
 def main(args) -> dict:
@@ -41,19 +44,22 @@ def main(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(fp_dir, dtype=torch.float32).to(args.device).eval()
     text = Path(args.text).read_text(encoding="utf-8") if args.text else lee_background_split()[0]
     ids = AutoTokenizer.from_pretrained(fp_dir)(text, return_tensors="pt")["input_ids"][0][: args.max_tokens]
-    quant = quantized_weights(args.ckpt)
+    quant, norms = quantized_weights(args.ckpt)
     params = dict(model.named_parameters())
     orig = {n: params[n + ".weight"].detach().clone() for n in quant}
+    orig_norms = {n: params[n].detach().clone() for n in norms}
 
-    def ppl(keep_float=lambda name: False) -> float:
+    def ppl(keep_float=lambda name: False, float_norms: bool = False) -> float:
         with torch.no_grad():
             for n, w in quant.items():
                 params[n + ".weight"].copy_(orig[n] if keep_float(n) else w.to(orig[n].device))
+            for n, w in norms.items():                 # the checkpoint's norms unless all is float
+                params[n].copy_(orig_norms[n] if float_norms else w.to(orig_norms[n].device))
             total, count = sliding_nll(lambda w: model(w.to(args.device)).logits, ids, args.max_length,
                                        args.stride, progress=False)
         return perplexity_from_nll(total, count)
 
-    base = ppl(lambda n: True)
+    base = ppl(lambda n: True, float_norms=True)
     allq = ppl()
     res = {"ckpt": args.ckpt, "tokens": int(ids.numel()), "baseline": base, "quantized": allq,
            "layers": {}, "kinds": {}}
