@@ -1,8 +1,8 @@
 """Sweep the end-to-end distillation stage (runtime/quant/e2etune.py) on one quantized checkpoint.
 
 Loads the float model (the embedded SmolLM2-135M-Instruct by default) and an exa quantized
-checkpoint of it once, then for every configuration ``STEPS:LR:BATCH:NORMS[:CODES]`` tunes the
-checkpoint's group scales (and norms when NORMS is 1, codes when CODES is 1 or a step size) towards the float model's next-token
+checkpoint of it once, then for every configuration ``STEPS:LR:BATCH:NORMS`` tunes the
+checkpoint's group scales (and norms when NORMS is 1) towards the float model's next-token
 distribution on the calibration half of lee_background (windows 0..63 train, the rest held
 out), and scores the result on the evaluation half (sliding window 1,024, stride 512) at each
 ``--max-tokens`` length, beside the untuned checkpoint and the float baseline.
@@ -45,13 +45,13 @@ def main(args) -> dict:
     params = dict(model.named_parameters())
     orig = {k: v.detach().clone() for k, v in params.items()}
 
-    def score(scales=None, qweight=None, norms=None) -> dict[int, float]:
+    def score(scales=None, norms=None) -> dict[int, float]:
         with torch.no_grad():
             for k, v in orig.items():
                 params[k].copy_(v)
             for name, t in quant.items():
                 w = params[name + ".weight"]
-                tt = dict(t, scales=scales[name], qweight=qweight[name]) if scales else t
+                tt = dict(t, scales=scales[name]) if scales else t
                 w.copy_(intq.dequantize(tt, spec, w.shape[0], w.shape[1]).to(w.device))
             for k, v in {**init, **(norms or {})}.items():
                 if k in params:                            # a tied head is the embedding's parameter
@@ -76,14 +76,12 @@ def main(args) -> dict:
            "baseline": base, "start": score(), "runs": []}
     print("baseline", base, "start", res["start"], flush=True)
     for cfg in args.configs.split(","):
-        steps, lr, batch, norms, *codes = cfg.split(":")
+        steps, lr, batch, norms = cfg.split(":")
         t = time.perf_counter()
         r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch),
-                     norms=norms == "1", codes=bool(codes and codes[0] != "0"),
-                     code_step=float(codes[0]) if codes and codes[0] not in ("0", "1") else None,
-                     init=init, eval_every=args.eval_every, progress=False)
+                     norms=norms == "1", init=init, eval_every=args.eval_every, progress=False)
         secs = time.perf_counter() - t
-        ppl = score(r.scales, r.qweight, r.norms)
+        ppl = score(r.scales, r.norms)
         res["runs"].append({"config": cfg, "s": secs, "kl_before": r.before, "kl_after": r.after, "kept": r.kept,
                             "history": r.history, "ppl": ppl})
         print(json.dumps(res["runs"][-1]), flush=True)

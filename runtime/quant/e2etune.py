@@ -14,7 +14,8 @@ the float model, not the text, so the stage recovers what quantization lost; it 
 the model on the calibration text. Adam, ``batch`` random windows per step; every
 ``eval_every`` steps the mean KL over held-out windows (``val_ids``) is measured and the best
 state kept. Scales are rounded to float16 (as stored) before the final measurement, and the
-result is kept only if its held-out KL is lower than the starting one.
+result is kept only if its held-out KL is lower than the starting one. (Moving codes by one step
+too, as blocktune does, measured no better on SmolLM2 and was dropped: RESULTS.md.)
 
 The whole model (float weights of the teacher and codes of the student) must fit in the
 device's memory: this stage is for models that fit, unlike the layer-by-layer calibration.
@@ -39,7 +40,6 @@ __all__ = ["E2EResult", "e2e_tune", "load_quantized", "norm_params"]
 @dataclass
 class E2EResult:
     scales: dict[str, Tensor]             # linear -> float16 scales [N, G] (tuned, or the given ones)
-    qweight: dict[str, Tensor]            # linear -> packed codes (moved when ``codes``, else the given ones)
     norms: dict[str, Tensor]              # norm parameter -> float32 weight (tuned, or the given one)
     before: float                         # held-out KL with the given result
     after: float                          # ... with the returned one (== before if not kept)
@@ -48,33 +48,20 @@ class E2EResult:
 
 
 class _QLin:
-    def __init__(self, t: dict[str, Tensor], spec: QuantSpec, N: int, K: int, transposed: bool, device,
-                 codes: bool):
+    def __init__(self, t: dict[str, Tensor], spec: QuantSpec, N: int, K: int, transposed: bool, device):
         self.g, self.transposed = group_of(spec, K, ragged=True), transposed
-        self.bits, self.maxq = spec.bits, 2 ** spec.bits - 1
         self.q = intq.unpack_codes(t["qweight"], spec.bits, K).to(device, torch.float32)
         self.s = t["scales"].to(device, torch.float32)
         self.z = (t["zeros"].to(device, torch.float32) if "zeros" in t
                   else torch.full_like(self.s, float(2 ** (spec.bits - 1))))
         self.a = torch.zeros_like(self.s, requires_grad=True)
-        self.v = torch.zeros_like(self.q, requires_grad=True) if codes else None
 
     def scales(self) -> Tensor:
         return self.s * torch.exp(self.a)
 
-    def codes(self) -> Tensor:
-        if self.v is None:
-            return self.q
-        v = self.v
-        return (self.q + v + (torch.round(v) - v).detach()).clamp(0, self.maxq)   # straight-through
-
     def weight(self, scales: Tensor | None = None) -> Tensor:
-        w = dequant(self.codes(), self.scales() if scales is None else scales, self.z, self.g)
+        w = dequant(self.q, self.scales() if scales is None else scales, self.z, self.g)
         return w.t() if self.transposed else w
-
-    @torch.no_grad()
-    def packed_codes(self) -> Tensor:
-        return intq.pack_codes(self.codes().to(torch.uint8), self.bits)
 
 
 def norm_params(model: nn.Module) -> list[str]:
@@ -94,15 +81,12 @@ def _kl(logits: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantSpec,
              train_ids: Tensor, val_ids: Tensor, *, steps: int, lr: float = 1e-3, batch: int = 2,
-             norms: bool = True, codes: bool = False, code_step: float | None = None,
-             init: dict[str, Tensor] | None = None, eval_every: int = 50,
+             norms: bool = True, init: dict[str, Tensor] | None = None, eval_every: int = 50,
              seed: int = 0, progress: bool = True) -> E2EResult:
     """Tune the quantized linears ``quant`` (full name -> packed tensors) of
     ``model`` (the float model, the teacher, its parameters on the compute device) on the
     windows ``train_ids [n, S]`` (module doc). ``init`` overrides the student's other
-    parameters (e.g. the checkpoint's own norms); ``model`` is left unchanged. ``codes`` also
-    moves each code by at most one step (signed steps of ``code_step``, default 1/steps, with
-    straight-through rounding, as blocktune does)."""
+    parameters (e.g. the checkpoint's own norms); ``model`` is left unchanged."""
     if steps < 1:
         raise ValueError(f"e2e steps must be >= 1, got {steps}")
     if train_ids.shape[0] < 1 or val_ids.shape[0] < 1:
@@ -119,7 +103,7 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             transposed = not isinstance(model.get_submodule(name), nn.Linear)     # transformers' Conv1D
             w = base[f"{name}.weight"]
             N, K = (w.shape[::-1] if transposed else w.shape)
-            lins[name] = _QLin(t, spec, N, K, transposed, dev, codes)
+            lins[name] = _QLin(t, spec, N, K, transposed, dev)
         norm_names = [n for n in norm_params(model) if n in base] if norms else []
         b = {n: torch.zeros_like(student[n], dtype=torch.float32, requires_grad=True) for n in norm_names}
 
@@ -146,7 +130,6 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
         before = held_out()
         history = [(0, before)]
         best = (before, None)
-        step_v = 1.0 / steps if code_step is None else code_step
         opt = torch.optim.Adam([lin.a for lin in lins.values()] + list(b.values()), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(1, steps + 1), desc="e2e tune", unit="step", disable=not progress)
@@ -157,31 +140,19 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if codes:
-                with torch.no_grad():
-                    for lin in lins.values():
-                        if lin.v.grad is not None:
-                            lin.v.sub_(step_v * lin.v.grad.sign()).clamp_(-1.0, 1.0)
-                            lin.v.grad = None
             if step % eval_every == 0 or step == steps:
                 kl = held_out()
                 history.append((step, kl))
                 bar.set_postfix(kl=f"{kl:.4g}", start=f"{before:.4g}")
                 if kl < best[0]:
                     best = (kl, ({n: lin.a.detach().clone() for n, lin in lins.items()},
-                                 {n: v.detach().clone() for n, v in b.items()},
-                                 {n: lin.v.detach().clone() for n, lin in lins.items() if codes}))
+                                 {n: v.detach().clone() for n, v in b.items()}))
         with torch.no_grad():
             if best[1] is not None:
                 for n, lin in lins.items():
                     lin.a.copy_(best[1][0][n])
                 for n, v in b.items():
                     v.copy_(best[1][1][n])
-                for n, v in best[1][2].items():
-                    lins[n].v.copy_(v)
-            for lin in lins.values():
-                if lin.v is not None:
-                    lin.v.copy_(torch.round(lin.v))
             scales16 = {n: lin.scales().half() for n, lin in lins.items()}
             for n, v in b.items():            # fold the multipliers into the stored norm weights
                 student[n] = (student[n].float() * torch.exp(v)).to(student[n].dtype)
@@ -189,10 +160,9 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             after = held_out({n: s.float() for n, s in scales16.items()})
         kept = after < before
         out_scales = {n: (scales16[n] if kept else t["scales"].half()).cpu() for n, t in quant.items()}
-        out_q = {n: (lins[n].packed_codes().cpu() if kept and codes else t["qweight"]) for n, t in quant.items()}
         out_norms = {n: (student[n] if kept else (init or {}).get(n, base[n])).detach().float().cpu()
                      for n in norm_names}
-        return E2EResult(out_scales, out_q, out_norms, before, after if kept else before, kept, history)
+        return E2EResult(out_scales, out_norms, before, after if kept else before, kept, history)
 
 
 def load_quantized(ckpt_dir) -> tuple[QuantSpec, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
