@@ -155,7 +155,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                     v.copy_(best[1][1][n])
             scales16 = {n: lin.scales().half() for n, lin in lins.items()}
             for n, v in b.items():            # fold the multipliers into the stored norm weights
-                student[n] = (student[n].float() * torch.exp(v)).to(student[n].dtype)
+                stored = (init or {}).get(n, student[n]).dtype          # measure what will be stored
+                student[n] = (student[n].float() * torch.exp(v)).to(stored).to(student[n].dtype)
                 v.zero_()
             after = held_out({n: s.float() for n, s in scales16.items()})
         kept = after < before
@@ -166,7 +167,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
 
 
 def load_quantized(ckpt_dir) -> tuple[QuantSpec, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
-    """An exa quantized checkpoint as ``(spec, {linear: packed tensors}, {other tensor: float32})``."""
+    """An exa quantized checkpoint as ``(spec, {linear: packed tensors}, {other tensor})``, every
+    tensor in its stored dtype."""
     from pathlib import Path
 
     from transformers import AutoConfig
@@ -183,7 +185,7 @@ def load_quantized(ckpt_dir) -> tuple[QuantSpec, dict[str, dict[str, Tensor]], d
         parts = ("qweight", "scales", "zeros")
         quant = {n: {a: ck.get(f"{n}.{a}").clone() for a in parts if f"{n}.{a}" in keys} for n in names}
         owned = {f"{n}.{a}" for n in names for a in parts}
-        other = {k: ck.get(k).float().clone() for k in sorted(keys - owned)}
+        other = {k: ck.get(k).clone() for k in sorted(keys - owned)}
     finally:
         ck.close()
     return spec, quant, other
