@@ -87,7 +87,7 @@ def test_a_failed_rewrite_leaves_the_checkpoint_as_it_was(tuned, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]                       # no leftovers
 
 
-def test_bad_inputs_are_refused(tuned, tmp_path):
+def test_bad_inputs_are_refused(tuned, tmp_path, monkeypatch):
     src, before, _, _ = tuned
     spec, quant, other = load_quantized(before)
     model = torch.nn.Linear(2, 2)
@@ -97,6 +97,14 @@ def test_bad_inputs_are_refused(tuned, tmp_path):
         split_windows(torch.arange(100), 64)
     with pytest.raises(ValueError, match="float model"):
         tune_checkpoint(before, str(before), calibration=_text(2), **E2E)
+    import psutil
+
+    class _Small:
+        available = 1 << 20
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Small())
+    with pytest.raises(MemoryError, match="whole model"):
+        tune_checkpoint(before, str(src), calibration=_text(2), **E2E)
+    monkeypatch.undo()
     rtn = tmp_path / "nf4"
     exa.Quantize(str(src), quant_type="nf4").save(rtn)
     with pytest.raises(ValueError, match="int format"):

@@ -36,12 +36,30 @@ def float_model(source: str, device) -> tuple[nn.Module, object]:
     model, arch = build_skeleton(ckpt.config)
     blocks = define_blocks(model, arch)
     assign_layouts(model, blocks, torch.float32)
+    _check_memory(sum(b.nbytes for b in blocks), torch.device(device))
     resolve_sources(model, blocks, ckpt)
     move_buffers(model, device)
     for b in blocks:
         bind(b, pack_block(ckpt, b).to(device))
     ckpt.close()
     return model, ckpt
+
+
+E2E_MEMORY_FACTOR = 3      # float teacher + dequantized student weights + their gradients
+
+
+def _check_memory(fp32_bytes: int, device: torch.device) -> None:
+    """A clear error, before anything is loaded, when the whole model cannot fit (e2e is not
+    layer by layer)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+        free = psutil.virtual_memory().available
+    need = E2E_MEMORY_FACTOR * fp32_bytes
+    if need > free:
+        raise MemoryError(f"e2e tuning holds the whole model: about {need / 2**30:.1f} GiB on {device}, "
+                          f"{free / 2**30:.1f} GiB free (quantize without e2e, or on a larger device)")
 
 
 def split_windows(ids: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
