@@ -209,17 +209,24 @@ class ResumableWriter:
         return f"blocks/{index:05d}-{block.name}.safetensors"
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:                                  # a filesystem without hard links
+        shutil.copy2(src, dst)
+
+
 def rewrite_tensors(ckpt_dir: str | Path, updates: dict[str, torch.Tensor], metadata: dict) -> Path:
     """Replace some tensors of an exa checkpoint (same shapes and dtypes) and merge ``metadata``
     into its manifest. Only the shards holding a replaced tensor are rewritten (sha256
-    recomputed); the new checkpoint is built beside the old one and swapped in by renames, so
+    recomputed; the others are hard-linked, not copied); the new checkpoint is built beside the old one and swapped in by renames, so
     an interruption leaves either the old or the new checkpoint, never a mix."""
     src = Path(ckpt_dir)
     m = json.loads((src / MANIFEST).read_text())
     tmp = src.parent / f".{src.name}.rewrite-{os.getpid()}"
     old = src.parent / f".{src.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)      # unchanged shards: hard links
     try:
         todo = dict(updates)
         for row in m["blocks"]:
@@ -234,6 +241,7 @@ def rewrite_tensors(ckpt_dir: str | Path, updates: dict[str, torch.Tensor], meta
                 if tuple(new.shape) != tuple(got[e.name].shape):
                     raise ValueError(f"{e.name}: shape {tuple(new.shape)} != stored {tuple(got[e.name].shape)}")
                 got[e.name].copy_(new.to(got[e.name].dtype))
+            (tmp / row["file"]).unlink()             # a hard link to the old shard: never write through it
             row["sha256"] = write_shard(tmp / row["file"], buf[: row["nbytes"]], layout)
         if todo:
             raise KeyError(f"not in {src}: {sorted(todo)[:5]}")
