@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.assets import default_model_safetensors, lee_background_split  # noqa: E402
 from runtime.perplexity import perplexity_from_nll, sliding_nll  # noqa: E402
+from runtime.quant.e2etune import norm_params  # noqa: E402
 from runtime.quant.linear import QuantLinear  # noqa: E402
 
 
@@ -34,7 +35,8 @@ def quantized_weights(ckpt: str) -> tuple[dict[str, torch.Tensor], dict[str, tor
     with exa.Inference(ckpt, offload="none", device="cpu", progress=False) as llm:
         model = llm.engine.model
         lin = {n: m.dequantize(torch.float32) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-        norms = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if "norm" in n}
+        names = set(norm_params(model))
+        norms = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if n in names}
         return lin, norms
 
 
