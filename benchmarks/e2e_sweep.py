@@ -45,19 +45,14 @@ def main(args) -> dict:
     params = dict(model.named_parameters())
     orig = {k: v.detach().clone() for k, v in params.items()}
 
-    import dataclasses
-    min_spec = dataclasses.replace(spec, zero_mode="min")
-
-    def score(scales=None, norms=None, mins=None) -> dict[int, float]:
+    def score(scales=None, norms=None) -> dict[int, float]:
         with torch.no_grad():
             for k, v in orig.items():
                 params[k].copy_(v)
             for name, t in quant.items():
                 w = params[name + ".weight"]
                 tt = dict(t, scales=scales[name]) if scales else t
-                if mins:
-                    tt = {"qweight": tt["qweight"], "scales": tt["scales"], "mins": mins[name]}
-                w.copy_(intq.dequantize(tt, min_spec if mins else spec, w.shape[0], w.shape[1]).to(w.device))
+                w.copy_(intq.dequantize(tt, spec, w.shape[0], w.shape[1]).to(w.device))
             for k, v in {**init, **(norms or {})}.items():
                 if k in params:                            # a tied head is the embedding's parameter
                     params[k].copy_(v.to(params[k].device))
@@ -81,12 +76,12 @@ def main(args) -> dict:
            "baseline": base, "start": score(), "runs": []}
     print("baseline", base, "start", res["start"], flush=True)
     for cfg in args.configs.split(","):
-        steps, lr, batch, norms, *shifts = cfg.split(":")
+        steps, lr, batch, norms = cfg.split(":")
         t = time.perf_counter()
         r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch),
-                     norms=norms == "1", shifts=shifts == ["1"], init=init, eval_every=args.eval_every, progress=False)
+                     norms=norms == "1", init=init, eval_every=args.eval_every, progress=False)
         secs = time.perf_counter() - t
-        ppl = score(r.scales, r.norms, r.mins)
+        ppl = score(r.scales, r.norms)
         res["runs"].append({"config": cfg, "s": secs, "kl_before": r.before, "kl_after": r.after, "kept": r.kept,
                             "history": r.history, "ppl": ppl})
         print(json.dumps(res["runs"][-1]), flush=True)

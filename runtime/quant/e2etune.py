@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import intq
 from ._common import group_of
-from .refit import _expand, dequant
+from .refit import dequant
 from .spec import QuantSpec
 
 __all__ = ["E2EResult", "e2e_tune", "load_quantized", "norm_params"]
@@ -40,7 +40,6 @@ __all__ = ["E2EResult", "e2e_tune", "load_quantized", "norm_params"]
 @dataclass
 class E2EResult:
     scales: dict[str, Tensor]             # linear -> float16 scales [N, G] (tuned, or the given ones)
-    mins: dict[str, Tensor] | None        # shifts: linear -> float16 mins [N, G] (``W = q*s + m``), else None
     norms: dict[str, Tensor]              # norm parameter -> float32 weight (tuned, or the given one)
     before: float                         # held-out KL with the given result
     after: float                          # ... with the returned one (== before if not kept)
@@ -56,24 +55,12 @@ class _QLin:
         self.z = (t["zeros"].to(device, torch.float32) if "zeros" in t
                   else torch.full_like(self.s, float(2 ** (spec.bits - 1))))
         self.a = torch.zeros_like(self.s, requires_grad=True)
-        self.c = torch.zeros_like(self.s, requires_grad=True)      # shift, in units of the original scale
 
     def scales(self) -> Tensor:
         return self.s * torch.exp(self.a)
 
-    def mins(self, scales: Tensor) -> Tensor:
-        """The grid as ``W = q*s + m``: ``m = -z*s + s0*c``."""
-        return self.s * self.c - self.z * scales
-
-    def weight(self, scales: Tensor | None = None, mins: Tensor | None = None) -> Tensor:
-        s = self.scales() if scales is None else scales
-        if mins is None and self.c.requires_grad:
-            mins = self.mins(s)
-        if mins is None:
-            w = dequant(self.q, s, self.z, self.g)
-        else:
-            K = self.q.shape[1]
-            w = self.q * _expand(s, self.g, K) + _expand(mins, self.g, K)
+    def weight(self, scales: Tensor | None = None) -> Tensor:
+        w = dequant(self.q, self.scales() if scales is None else scales, self.z, self.g)
         return w.t() if self.transposed else w
 
 
@@ -94,7 +81,7 @@ def _kl(logits: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantSpec,
              train_ids: Tensor, val_ids: Tensor, *, steps: int, lr: float = 1e-3, batch: int = 2,
-             norms: bool = True, shifts: bool = False, init: dict[str, Tensor] | None = None, eval_every: int = 50,
+             norms: bool = True, init: dict[str, Tensor] | None = None, eval_every: int = 50,
              seed: int = 0, progress: bool = True) -> E2EResult:
     """Tune the quantized linears ``quant`` (full name -> packed tensors) of
     ``model`` (the float model, the teacher, its parameters on the compute device) on the
@@ -117,15 +104,13 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             w = base[f"{name}.weight"]
             N, K = (w.shape[::-1] if transposed else w.shape)
             lins[name] = _QLin(t, spec, N, K, transposed, dev)
-            lins[name].c.requires_grad_(shifts)
         norm_names = [n for n in norm_params(model) if n in base] if norms else []
         b = {n: torch.zeros_like(student[n], dtype=torch.float32, requires_grad=True) for n in norm_names}
 
-        def params(scales: dict[str, Tensor] | None = None, mins: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        def params(scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
             p = dict(student)
             for name, lin in lins.items():
-                p[f"{name}.weight"] = lin.weight(None if scales is None else scales[name],
-                                                 None if mins is None else mins[name])
+                p[f"{name}.weight"] = lin.weight(None if scales is None else scales[name])
             for n, v in b.items():
                 p[n] = (student[n].float() * torch.exp(v)).to(student[n].dtype)
             return p
@@ -136,17 +121,16 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
 
         val_t = [teacher(val_ids[j:j + 1].to(dev)) for j in range(val_ids.shape[0])]
 
-        def held_out(scales=None, mins=None) -> float:
+        def held_out(scales=None) -> float:
             with torch.no_grad():
-                p = params(scales, mins)
+                p = params(scales)
                 return sum(float(_kl(functional_call(model, p, (val_ids[j:j + 1].to(dev),)).logits, val_t[j]))
                            for j in range(val_ids.shape[0])) / val_ids.shape[0]
 
         before = held_out()
         history = [(0, before)]
         best = (before, None)
-        opt = torch.optim.Adam([lin.a for lin in lins.values()] + list(b.values())
-                               + ([lin.c for lin in lins.values()] if shifts else []), lr=lr)
+        opt = torch.optim.Adam([lin.a for lin in lins.values()] + list(b.values()), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(1, steps + 1), desc="e2e tune", unit="step", disable=not progress)
         for step in bar:
@@ -162,31 +146,24 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                 bar.set_postfix(kl=f"{kl:.4g}", start=f"{before:.4g}")
                 if kl < best[0]:
                     best = (kl, ({n: lin.a.detach().clone() for n, lin in lins.items()},
-                                 {n: v.detach().clone() for n, v in b.items()},
-                                 {n: lin.c.detach().clone() for n, lin in lins.items()}))
+                                 {n: v.detach().clone() for n, v in b.items()}))
         with torch.no_grad():
             if best[1] is not None:
                 for n, lin in lins.items():
                     lin.a.copy_(best[1][0][n])
                 for n, v in b.items():
                     v.copy_(best[1][1][n])
-                for n, lin in lins.items():
-                    lin.c.copy_(best[1][2][n])
             scales16 = {n: lin.scales().half() for n, lin in lins.items()}
-            mins16 = ({n: lin.mins(scales16[n].float()).half() for n, lin in lins.items()}
-                      if shifts else None)
             for n, v in b.items():            # fold the multipliers into the stored norm weights
                 stored = (init or {}).get(n, student[n]).dtype          # measure what will be stored
                 student[n] = (student[n].float() * torch.exp(v)).to(stored).to(student[n].dtype)
                 v.zero_()
-            after = held_out({n: s.float() for n, s in scales16.items()},
-                             None if mins16 is None else {n: m.float() for n, m in mins16.items()})
+            after = held_out({n: s.float() for n, s in scales16.items()})
         kept = after < before
         out_scales = {n: (scales16[n] if kept else t["scales"].half()).cpu() for n, t in quant.items()}
-        out_mins = {n: m.cpu() for n, m in mins16.items()} if (shifts and kept) else None
         out_norms = {n: (student[n] if kept else (init or {}).get(n, base[n])).detach().float().cpu()
                      for n in norm_names}
-        return E2EResult(out_scales, out_mins, out_norms, before, after if kept else before, kept, history)
+        return E2EResult(out_scales, out_norms, before, after if kept else before, kept, history)
 
 
 def load_quantized(ckpt_dir) -> tuple[QuantSpec, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
