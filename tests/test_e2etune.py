@@ -63,6 +63,18 @@ def test_tuning_lowers_the_held_out_kl_and_the_checkpoint_holds_it(tuned):
     assert meta["kept"] and meta["kl_after"] == res.after
 
 
+def test_a_token_tensor_tunes_like_the_text_it_came_from(tuned, tmp_path):
+    """Calibration given as token ids (as GPTQ accepts it) gives the same windows, so the same run."""
+    import shutil
+
+    from transformers import AutoTokenizer
+    src, before, _, res = tuned
+    shutil.copytree(before, tmp_path / "t")
+    ids = AutoTokenizer.from_pretrained(str(src))(calibration_text(_text(2)), return_tensors="pt")["input_ids"][0]
+    got = tune_checkpoint(tmp_path / "t", str(src), calibration=ids[None], **E2E)
+    assert (got.before, got.after, got.history) == (res.before, res.after, res.history)
+
+
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tuned):
     src, _, after, _ = tuned
     snapshot = {p: p.read_bytes() for p in after.rglob("*") if p.is_file()}

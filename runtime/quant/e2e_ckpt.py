@@ -116,7 +116,8 @@ def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibratio
     spec, quant, other = load_quantized(ckpt_dir)
     model, ckpt = float_model(source, dev)
     tok = AutoTokenizer.from_pretrained(**ckpt.tokenizer_kwargs)
-    ids = tok(calibration_text(calibration), return_tensors="pt")["input_ids"][0]
+    ids = (calibration.reshape(-1).long() if isinstance(calibration, Tensor)       # pre-tokenized
+           else tok(calibration_text(calibration), return_tensors="pt")["input_ids"][0])
     train, val = split_windows(ids, seqlen)
     if generate:
         train = torch.cat([train, sampled_windows(model, train, generate, seqlen)])
