@@ -75,6 +75,24 @@ def test_a_token_tensor_tunes_like_the_text_it_came_from(tuned, tmp_path):
     assert (got.before, got.after, got.history) == (res.before, res.after, res.history)
 
 
+def test_ema_measures_and_keeps_the_moving_average(tuned):
+    """With a decay near 1 the average never leaves the start; a moderate decay
+    still learns, along another path than the plain iterate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, before, _, _ = tuned
+    spec, quant, other = load_quantized(before)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(src))(calibration_text(_text(2)), return_tensors="pt")["input_ids"][0]
+    train, val = split_windows(ids, 64)
+    kw = dict(steps=20, lr=3e-3, batch=4, init=other, eval_every=5, progress=False)
+    plain = e2e_tune(model, quant, spec, train, val, **kw)
+    frozen = e2e_tune(model, quant, spec, train, val, ema=1 - 1e-9, **kw)
+    avg = e2e_tune(model, quant, spec, train, val, ema=0.7, **kw)
+    assert plain.kept and avg.kept and avg.after < avg.before
+    assert all(abs(kl - frozen.before) < 1e-6 for _, kl in frozen.history + [(0, frozen.after)]), (frozen.history, frozen.after, frozen.before)
+    assert [kl for _, kl in avg.history[1:]] != [kl for _, kl in plain.history[1:]]
+
+
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tuned):
     src, _, after, _ = tuned
     snapshot = {p: p.read_bytes() for p in after.rglob("*") if p.is_file()}
@@ -105,6 +123,9 @@ def test_bad_inputs_are_refused(tuned, tmp_path, monkeypatch):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="steps"):
         e2e_tune(model, {}, spec, torch.zeros(2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), steps=0)
+    with pytest.raises(ValueError, match="ema"):
+        e2e_tune(model, {}, spec, torch.zeros(2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long),
+                 steps=1, ema=1.0)
     with pytest.raises(ValueError, match="at least 2 windows"):
         split_windows(torch.arange(100), 64)
     with pytest.raises(ValueError, match="float model"):

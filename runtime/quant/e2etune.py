@@ -13,8 +13,9 @@ calibration windows: the loss is ``KL(p_float || p_quant)`` per token, averaged.
 the float model, not the text, so the stage recovers what quantization lost; it does not train
 the model on the calibration text. Adam, ``batch`` random windows per step; every
 ``eval_every`` steps the mean KL over held-out windows (``val_ids``) is measured and the best
-state kept. Scales are rounded to float16 (as stored) before the final measurement, and the
-result is kept only if its held-out KL is lower than the starting one. (Moving codes by one step
+state kept (with ``ema`` > 0, of the exponential moving average of the parameters, decay ``ema``
+per step, instead of the last step's: it smooths the minibatch noise). Scales are rounded to
+float16 (as stored) before the final measurement, and the result is kept only if its held-out KL is lower than the starting one. (Moving codes by one step
 too, as blocktune does, measured no better on SmolLM2 and was dropped: RESULTS.md.)
 
 The whole model (float weights of the teacher and codes of the student) must fit in the
@@ -81,7 +82,7 @@ def _kl(logits: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantSpec,
              train_ids: Tensor, val_ids: Tensor, *, steps: int, lr: float = 1e-3, batch: int = 2,
-             norms: bool = True, init: dict[str, Tensor] | None = None, eval_every: int = 50,
+             norms: bool = True, ema: float = 0.0, init: dict[str, Tensor] | None = None, eval_every: int = 50,
              seed: int = 0, progress: bool = True) -> E2EResult:
     """Tune the quantized linears ``quant`` (full name -> packed tensors) of
     ``model`` (the float model, the teacher, its parameters on the compute device) on the
@@ -89,6 +90,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
     parameters (e.g. the checkpoint's own norms); ``model`` is left unchanged."""
     if steps < 1:
         raise ValueError(f"e2e steps must be >= 1, got {steps}")
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"e2e ema (the moving average's decay per step) must be in [0, 1), got {ema}")
     if train_ids.shape[0] < 1 or val_ids.shape[0] < 1:
         raise ValueError("e2e tuning needs at least one training and one held-out window")
     dev = next(model.parameters()).device
@@ -130,7 +133,9 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
         before = held_out()
         history = [(0, before)]
         best = (before, None)
-        opt = torch.optim.Adam([lin.a for lin in lins.values()] + list(b.values()), lr=lr)
+        tuned = [lin.a for lin in lins.values()] + list(b.values())
+        opt = torch.optim.Adam(tuned, lr=lr)
+        avg = [t.detach().clone() for t in tuned] if ema else None     # exponential moving average
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(1, steps + 1), desc="e2e tune", unit="step", disable=not progress)
         for step in bar:
@@ -140,19 +145,31 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if avg is not None:
+                with torch.no_grad():
+                    for m, t in zip(avg, tuned):
+                        m.lerp_(t, 1.0 - ema)
             if step % eval_every == 0 or step == steps:
+                if avg is not None:                   # measure (and keep) the average, not the iterate
+                    cur = [t.detach().clone() for t in tuned]
+                    with torch.no_grad():
+                        for t, m in zip(tuned, avg):
+                            t.copy_(m)
                 kl = held_out()
                 history.append((step, kl))
                 bar.set_postfix(kl=f"{kl:.4g}", start=f"{before:.4g}")
                 if kl < best[0]:
                     best = (kl, ({n: lin.a.detach().clone() for n, lin in lins.items()},
                                  {n: v.detach().clone() for n, v in b.items()}))
+                if avg is not None:
+                    with torch.no_grad():
+                        for t, c in zip(tuned, cur):
+                            t.copy_(c)
         with torch.no_grad():
-            if best[1] is not None:
-                for n, lin in lins.items():
-                    lin.a.copy_(best[1][0][n])
-                for n, v in b.items():
-                    v.copy_(best[1][1][n])
+            for n, lin in lins.items():           # the best measured state (or the start)
+                lin.a.copy_(best[1][0][n]) if best[1] is not None else lin.a.zero_()
+            for n, v in b.items():
+                v.copy_(best[1][1][n]) if best[1] is not None else v.zero_()
             scales16 = {n: lin.scales().half() for n, lin in lins.items()}
             for n, v in b.items():            # fold the multipliers into the stored norm weights
                 stored = (init or {}).get(n, student[n]).dtype          # measure what will be stored
