@@ -66,6 +66,7 @@ def gptq_suffix(args) -> str:
     opts += [o for o, on in (("static groups", args.static_groups), ("mse", args.mse)) if on]
     opts += [f"sink x{args.sink_weight:g}"] if args.sink_weight != 1 else []
     opts += [f"refit {args.refit}"] if args.refit else []
+    opts += [f"+ {args.calib_generate} sampled calibration windows"] if args.calib_generate else []
     opts += [f"fp target {args.fp_target:g}"] if args.fp_target else []
     if args.tune:
         opts += [f"tune {args.tune}" + ("" if args.tune_round else " scales only")
@@ -79,6 +80,23 @@ def gptq_suffix(args) -> str:
     return f" ({', '.join(opts)})" if opts else ""
 
 
+def calibration_windows(path, args):
+    """(calibration for ``calibrate``, window count): the text's first ``--samples`` windows, then
+    with ``--calib-generate N`` N windows sampled from the float model (prompted by them)."""
+    if not args.calib_generate:
+        return None, args.samples
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runtime.quant.calib_data import calibration_ids
+    from runtime.quant.e2e_ckpt import sampled_windows
+    text = calibration_ids(AutoTokenizer.from_pretrained(str(path)), None, args.samples, args.seqlen)
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
+    windows = torch.cat([text, sampled_windows(model, text, args.calib_generate, args.seqlen)])
+    del model
+    return windows.reshape(-1), windows.shape[0]
+
+
 def run(args) -> dict:
     path = default_model_safetensors()
     from transformers import AutoTokenizer
@@ -86,6 +104,7 @@ def run(args) -> dict:
     ids = AutoTokenizer.from_pretrained(str(path))(eval_text, return_tensors="pt")["input_ids"][0]
     ids = ids[: args.max_tokens] if args.max_tokens else ids
     work = Path(args.work or tempfile.mkdtemp(prefix="exa-calib-"))
+    calib, n_calib = calibration_windows(path, args)
     out = []
     for label, method, spec in rows_for(args):
         if args.only and not any(o in label for o in args.only):
@@ -104,7 +123,7 @@ def run(args) -> dict:
                                 tune_lr=args.tune_lr, tune_batch=args.tune_batch,
                                 tune_sink_weight=args.tune_sink_weight, tune_round=bool(args.tune_round))
             ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
-                           n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
+                           calibration=calib, n_samples=n_calib, seqlen=args.seqlen, compute_dtype=torch.float32,
                            options=opts, overwrite=True, progress=True, device=args.device)
             if args.e2e:
                 from runtime.quant.e2e_ckpt import tune_checkpoint
@@ -127,7 +146,8 @@ def run(args) -> dict:
     for r in out:
         r["vs_baseline"] = r["ppl"] / base - 1
     return {"tokens": int(ids.numel()), "max_length": args.max_length, "stride": args.stride,
-            "calibration": {"samples": args.samples, "seqlen": args.seqlen, "text": "lee_background, 2nd half"},
+            "calibration": {"samples": args.samples, "seqlen": args.seqlen, "text": "lee_background, 2nd half",
+                            "sampled_windows": args.calib_generate},
             "evaluation": "lee_background, 1st half", "date": time.strftime("%Y-%m-%d"),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": out}
 
@@ -168,6 +188,8 @@ if __name__ == "__main__":
     ap.add_argument("--tune-sink-weight", type=float, default=1.0,
                     help="GPTQ tune: weight of each window's first token in the layer loss")
     ap.add_argument("--tune-round", type=int, default=1, help="GPTQ tune: 1 also moves codes, 0 scales only")
+    ap.add_argument("--calib-generate", type=int, default=0,
+                    help="GPTQ/AWQ: also calibrate on N windows sampled from the float model")
     ap.add_argument("--e2e", type=int, default=0, help="steps of end-to-end distillation after calibration")
     ap.add_argument("--e2e-lr", type=float, default=1e-3, help="e2e: Adam step of the log multipliers")
     ap.add_argument("--e2e-batch", type=int, default=4, help="e2e: windows per step")
