@@ -80,23 +80,6 @@ def gptq_suffix(args) -> str:
     return f" ({', '.join(opts)})" if opts else ""
 
 
-def calibration_windows(path, args):
-    """(calibration for ``calibrate``, window count): the text's first ``--samples`` windows, then
-    with ``--calib-generate N`` N windows sampled from the float model (prompted by them)."""
-    if not args.calib_generate:
-        return None, args.samples
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from runtime.quant.calib_data import calibration_ids
-    from runtime.quant.e2e_ckpt import sampled_windows
-    text = calibration_ids(AutoTokenizer.from_pretrained(str(path)), None, args.samples, args.seqlen)
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).to(dev).eval()
-    windows = torch.cat([text, sampled_windows(model, text, args.calib_generate, args.seqlen)])
-    del model
-    return windows.reshape(-1), windows.shape[0]
-
-
 def run(args) -> dict:
     path = default_model_safetensors()
     from transformers import AutoTokenizer
@@ -104,7 +87,6 @@ def run(args) -> dict:
     ids = AutoTokenizer.from_pretrained(str(path))(eval_text, return_tensors="pt")["input_ids"][0]
     ids = ids[: args.max_tokens] if args.max_tokens else ids
     work = Path(args.work or tempfile.mkdtemp(prefix="exa-calib-"))
-    calib, n_calib = calibration_windows(path, args)
     out = []
     for label, method, spec in rows_for(args):
         if args.only and not any(o in label for o in args.only):
@@ -123,8 +105,8 @@ def run(args) -> dict:
                                 tune_lr=args.tune_lr, tune_batch=args.tune_batch,
                                 tune_sink_weight=args.tune_sink_weight, tune_round=bool(args.tune_round))
             ck = calibrate(str(path), work / f"{method}-{spec.name}", spec, method.split("-")[0],
-                           calibration=calib, n_samples=n_calib, seqlen=args.seqlen, compute_dtype=torch.float32,
-                           options=opts, overwrite=True, progress=True, device=args.device)
+                           n_samples=args.samples, seqlen=args.seqlen, compute_dtype=torch.float32,
+                           generate=args.calib_generate, options=opts, overwrite=True, progress=True, device=args.device)
             if args.e2e:
                 from runtime.quant.e2e_ckpt import tune_checkpoint
                 e2e = tune_checkpoint(ck.path, str(path), steps=args.e2e, lr=args.e2e_lr, batch=args.e2e_batch,

@@ -142,6 +142,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", metavar="FILE", help="gptq/awq calibration text (default: built-in text)")
     q.add_argument("--calib-samples", type=_count, default=128, metavar="N", help="windows (default 128)")
     q.add_argument("--calib-seqlen", type=_count, default=512, metavar="N", help="tokens each (default 512)")
+    q.add_argument("--calib-generate", type=int, default=0, metavar="N",
+                   help="gptq/awq: also calibrate on N windows sampled from the float model (default 0; "
+                        "loads the whole float model once)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq dampening (default 0.01)")
     q.add_argument("--desc-act", action="store_true", help="gptq act-order (static groups)")
     q.add_argument("--mse", action="store_true", help="gptq: clipping search for each group's range")
@@ -289,7 +292,7 @@ def _cmd_quantize(args) -> None:
                      mse=args.mse, sink_weight=args.sink_weight,
                      refit=args.refit, fp_target=args.fp_target, tune=args.tune,
                      tune_sink_weight=args.tune_sink_weight, e2e=args.e2e, e2e_generate=args.e2e_generate,
-                     device=args.device)
+                     calibration_generate=args.calib_generate, device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:
         done = {k: v for k, v in q.losses.items() if v is not None}

@@ -31,6 +31,7 @@ class GPTQInference:
             search, attention-sink weighting, grid refit, float-model target, block-wise and
             end-to-end tuning (see ``exa.Quantize``).
         calibration_samples, calibration_seqlen: number and length of the calibration windows.
+        calibration_generate: windows sampled from the float model added to them (see ``exa.Quantize``).
         cache_dir: where quantized checkpoints are kept (default: the exa cache directory).
         **inference_kwargs: passed to ``exa.Inference`` (offload, max_gpu_memory, device, ...).
     """
@@ -40,7 +41,7 @@ class GPTQInference:
                  group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0, fp_target: float = 0.0,
                  tune: int = 0, tune_sink_weight: float = 1.0, e2e: int = 0, e2e_generate: int = 0,
-                 calibration_samples: int = 128, calibration_seqlen: int = 512,
+                 calibration_samples: int = 128, calibration_seqlen: int = 512, calibration_generate: int = 0,
                  cache_dir: str | Path | None = None, **inference_kwargs):
         from runtime.assets import default_model
         if quantization_config_bits not in (2, 3, 4, 8):
@@ -59,6 +60,8 @@ class GPTQInference:
             self.settings.update(tune=tune, tune_sink_weight=tune_sink_weight)
         if e2e:
             self.settings.update(e2e=e2e, e2e_generate=e2e_generate)
+        if calibration_generate:
+            self.settings.update(calibration_generate=calibration_generate)
         self._cache_root = Path(cache_dir) if cache_dir else None
         self.inference_kwargs = inference_kwargs
         self._llm = None
@@ -96,7 +99,7 @@ class GPTQInference:
                      refit=s.get("refit", 0), fp_target=s.get("fp_target", 0.0),
                      tune=s.get("tune", 0), tune_sink_weight=s.get("tune_sink_weight", 1.0),
                      e2e=s.get("e2e", 0), e2e_generate=s.get("e2e_generate", 0),
-                     device=self.inference_kwargs.get("device"))
+                     calibration_generate=s.get("calibration_generate", 0), device=self.inference_kwargs.get("device"))
         return q.save(out, progress=progress)
 
     @property

@@ -43,6 +43,9 @@ class Quantize:
             the built-in text (the second half of lee_background; the first half is kept for
             evaluation).
         calibration_samples: number of calibration windows (default 128).
+        calibration_generate: gptq/awq: also calibrate on this many windows sampled from the float
+            model (temperature 1, prompted by the calibration windows' first tokens); sampling
+            loads the whole float model on the device once (default 0 = off).
         calibration_seqlen: tokens per window (default 512).
         damp_percent: GPTQ dampening, a fraction of the Hessian's mean diagonal (default 0.01).
         desc_act: GPTQ act-order (columns by decreasing Hessian diagonal; groups stay static,
@@ -82,7 +85,7 @@ class Quantize:
                  static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0,
                  fp_target: float = 0.0, tune: int = 0, tune_sink_weight: float = 1.0,
-                 e2e: int = 0, e2e_generate: int = 0):
+                 e2e: int = 0, e2e_generate: int = 0, calibration_generate: int = 0):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -107,11 +110,12 @@ class Quantize:
             raise ValueError(f"tune must be a whole number of steps >= 0, got {tune!r}")
         if not tune_sink_weight > 0:
             raise ValueError(f"tune_sink_weight must be > 0, got {tune_sink_weight!r}")
-        for name, v in (("e2e", e2e), ("e2e_generate", e2e_generate)):
+        for name, v in (("e2e", e2e), ("e2e_generate", e2e_generate), ("calibration_generate", calibration_generate)):
             if int(v) != v or v < 0:
                 raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
-        if e2e and method == "rtn":
-            raise ValueError("e2e tunes a calibrated checkpoint: use method='gptq' or 'awq'")
+        if (e2e or calibration_generate) and method == "rtn":
+            raise ValueError("e2e and calibration_generate are for calibrated methods: use method='gptq' or 'awq'")
+        self.calib_kwargs["generate"] = int(calibration_generate)
         self.e2e = dict(steps=int(e2e), generate=int(e2e_generate), seqlen=calibration_seqlen, device=device)
         if not 0 <= fp_target <= 1:
             raise ValueError(f"fp_target must be in [0, 1], got {fp_target!r}")

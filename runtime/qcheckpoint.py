@@ -163,6 +163,8 @@ class ResumableWriter:
             state = None
         (self.out / "blocks").mkdir(parents=True, exist_ok=True)
         self.rows: dict[str, dict] = {r["name"]: r for r in (state or {}).get("rows", [])}
+        if state is None:                  # claimed at once: a run stopped before its first block resumes
+            _write_json(self.out / self.PROGRESS, {"settings": self.settings, "rows": []}, atomic=True)
 
     def done(self, index: int, block) -> torch.Tensor | None:
         """The finished buffer of ``block`` if a previous run wrote it intact, else None."""

@@ -24,6 +24,10 @@ _hessian_hook), ``mse`` searches each group's clipping range,
 the float model's output (fp_target.py) and ``tune`` fits each quantized layer's output to the
 float layer's (blocktune.py).
 
+Opt-in exception (``generate``): windows sampled from the float model are added to the
+calibration windows; sampling loads the whole float model once, before step 1, so the model must
+fit the device then (e2e_ckpt.sampled_calibration).
+
 At most one block's weights are bound at a time, plus the calibration activations
 ``[n_samples, seqlen, hidden]``. Finished blocks found in the output directory (sha256 checked,
 same settings) are skipped on a rerun: their shards are read back and run to recompute the next
@@ -109,7 +113,7 @@ class Calibrator:
                  compute_dtype: torch.dtype = torch.bfloat16, skip_modules: Sequence[str] = ("lm_head",),
                  device: str | None = None, options: CalibOptions | None = None, overwrite: bool = False,
                  progress: bool = True, on_block: Callable[[str, dict], None] | None = None,
-                 metadata: dict | None = None):
+                 metadata: dict | None = None, generate: int = 0):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.spec, self.method, self.opts = check_spec(spec), method, options or CalibOptions()
@@ -140,11 +144,17 @@ class Calibrator:
         self.q_layers = self.q_model.get_submodule(arch.layers)
         self.metadata = {**(metadata or {}), "source_model": str(model), "method": method,
                          "calibration": {"samples": int(self.ids.shape[0]), "seqlen": int(self.ids.shape[1]),
-                                         "tokens_sha256": ids_digest(self.ids)},
+                                         "tokens_sha256": ids_digest(self.ids),
+                                         **({"sampled_windows": int(generate)} if generate else {})},
                          "options": dataclasses.asdict(self.opts)}
         settings = {"spec": self.spec.to_json(), "dtype": str(compute_dtype), "skip": self.skip,
                     "fingerprint": self.ckpt.fingerprint(), **self.metadata}
         self.writer = ResumableWriter(out_dir, settings, overwrite=overwrite)
+        self.sampled = self.writer.out / ".exa-sampled.pt" if generate else None
+        if generate:                        # + windows sampled from the float model (kept for a resume)
+            from .e2e_ckpt import sampled_calibration
+            self.ids = torch.cat([self.ids, sampled_calibration(model, self.ids, int(generate), self.device,
+                                                                self.sampled)])
         self.live: set[str] = set()
         self.stats = {"max_live_blocks": 0, "max_live_bytes": 0, "bound": []}
 
@@ -200,6 +210,8 @@ class Calibrator:
         out = self.writer.finish([b.name for b in self.q_blocks], config=self.ckpt.config,
                                  tokenizer_dir=self.tokenizer.save_pretrained, quant=self.spec.to_json(),
                                  skip_modules=self.skip, dtype=self.compute_dtype, metadata=self.metadata)
+        if self.sampled is not None:
+            self.sampled.unlink(missing_ok=True)
         self.ckpt.close()
         return CalibResult(out, losses, {k: v for k, v in self.stats.items() if k != "bound"})
 
@@ -367,6 +379,9 @@ def calibrate(model: str, out_dir: str | Path, spec: QuantSpec, method: str = "g
     """Quantize ``model`` with GPTQ or AWQ into an exa checkpoint at ``out_dir`` (resumable).
 
     Keyword arguments are those of :class:`Calibrator` (calibration, n_samples, seqlen,
-    compute_dtype, skip_modules, device, options, overwrite, progress, on_block, metadata).
+    compute_dtype, skip_modules, device, options, overwrite, progress, on_block, metadata,
+    generate: that many windows sampled from the float model are added to the calibration
+    windows, which needs the whole float model on ``device`` once; kept in the output directory
+    until the run finishes, so a resumed run uses the same ones).
     """
     return Calibrator(model, out_dir, spec, method, **kwargs).run()

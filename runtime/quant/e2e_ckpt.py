@@ -24,19 +24,20 @@ from runtime.qcheckpoint import MANIFEST, rewrite_tensors
 from .calib_data import Calibration, calibration_text
 from .e2etune import E2EResult, e2e_tune, load_quantized
 
-__all__ = ["float_model", "sampled_windows", "split_windows", "tune_checkpoint"]
+__all__ = ["float_model", "sampled_calibration", "sampled_windows", "split_windows", "tune_checkpoint"]
 
 
-def float_model(source: str, device) -> tuple[nn.Module, object]:
+def float_model(source: str, device, *, factor: float = 3, purpose: str = "e2e tuning") -> tuple[nn.Module, object]:
     """The float model of ``source`` with every block read and bound on ``device`` (and its
-    checkpoint, for the tokenizer)."""
+    checkpoint, for the tokenizer); ``factor`` x its float32 bytes must be free there (e2e: 3, for
+    the float teacher, the dequantized student and its gradients)."""
     ckpt = open_checkpoint(str(source))
     if getattr(ckpt, "quant", None) is not None:
         raise ValueError(f"the e2e teacher must be a float model; {source} is quantized")
     model, arch = build_skeleton(ckpt.config)
     blocks = define_blocks(model, arch)
     assign_layouts(model, blocks, torch.float32)
-    _check_memory(sum(b.nbytes for b in blocks), torch.device(device))
+    _check_memory(sum(b.nbytes for b in blocks), torch.device(device), factor, purpose)
     resolve_sources(model, blocks, ckpt)
     move_buffers(model, device)
     for b in blocks:
@@ -45,10 +46,7 @@ def float_model(source: str, device) -> tuple[nn.Module, object]:
     return model, ckpt
 
 
-E2E_MEMORY_FACTOR = 3      # float teacher + dequantized student weights + their gradients
-
-
-def _check_memory(fp32_bytes: int, device: torch.device) -> None:
+def _check_memory(fp32_bytes: int, device: torch.device, factor: float, purpose: str) -> None:
     """A clear error, before anything is loaded, when the whole model cannot fit (e2e is not
     layer by layer)."""
     if device.type == "cuda":
@@ -56,10 +54,10 @@ def _check_memory(fp32_bytes: int, device: torch.device) -> None:
     else:
         import psutil
         free = psutil.virtual_memory().available
-    need = E2E_MEMORY_FACTOR * fp32_bytes
+    need = factor * fp32_bytes
     if need > free:
-        raise MemoryError(f"e2e tuning holds the whole model: about {need / 2**30:.1f} GiB on {device}, "
-                          f"{free / 2**30:.1f} GiB free (quantize without e2e, or on a larger device)")
+        raise MemoryError(f"{purpose} holds the whole model: about {need / 2**30:.1f} GiB on {device}, "
+                          f"{free / 2**30:.1f} GiB free (quantize without it, or on a larger device)")
 
 
 def split_windows(ids: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
@@ -93,6 +91,25 @@ def sampled_windows(model: nn.Module, prompts: Tensor, n: int, seqlen: int, *, p
         out.append(ids[:, :seqlen].cpu())
         done += b
     return torch.cat(out)
+
+
+def sampled_calibration(source: str, prompts: Tensor, n: int, device, cache: Path) -> Tensor:
+    """``n`` windows as long as ``prompts``' sampled from the float model ``source``
+    (sampled_windows), kept in the file ``cache`` (written atomically) and read from it again
+    while it holds ``n`` windows of that length: a resumed calibration reuses the same windows."""
+    import os
+    seqlen = prompts.shape[1]
+    if cache.is_file():
+        got = torch.load(cache, weights_only=True)
+        if tuple(got.shape) == (n, seqlen):
+            return got
+    model, _ = float_model(source, device, factor=1.2, purpose="sampling calibration windows")
+    out = sampled_windows(model, prompts, n, seqlen)
+    del model
+    tmp = cache.with_name(cache.name + ".tmp")
+    torch.save(out, tmp)
+    os.replace(tmp, cache)
+    return out
 
 
 def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibration: Calibration = None,
