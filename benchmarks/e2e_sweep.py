@@ -3,8 +3,8 @@
 Loads the float model (the embedded SmolLM2-135M-Instruct by default) and an exa quantized
 checkpoint of it once, then for every configuration ``STEPS:LR:BATCH:NORMS[:EMA]`` tunes the
 checkpoint's group scales (and norms when NORMS is 1; EMA: the decay of the moving average of
-the parameters that is measured and kept instead of the last step's, default 0 = off) towards the float model's next-token
-distribution on the calibration half of lee_background (windows 0..63 train, the rest held
+the parameters that is measured and kept instead of the last step's, default 0 = off) towards
+the float model's next-token distribution on the calibration half of lee_background (windows 0..63 train, the rest held
 out), and scores the result on the evaluation half (sliding window 1,024, stride 512) at each
 ``--max-tokens`` length, beside the untuned checkpoint and the float baseline.
 
@@ -80,7 +80,8 @@ def main(args) -> dict:
         steps, lr, batch, norms, *ema = cfg.split(":")
         t = time.perf_counter()
         r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch),
-                     norms=norms == "1", ema=float(ema[0]) if ema else 0.0, init=init, eval_every=args.eval_every, progress=False)
+                     norms=norms == "1", ema=float(ema[0]) if ema else 0.0, init=init,
+                     eval_every=args.eval_every, progress=False)
         secs = time.perf_counter() - t
         ppl = score(r.scales, r.norms)
         res["runs"].append({"config": cfg, "s": secs, "kl_before": r.before, "kl_after": r.after, "kept": r.kept,

@@ -15,8 +15,9 @@ the model on the calibration text. Adam, ``batch`` random windows per step; ever
 ``eval_every`` steps the mean KL over held-out windows (``val_ids``) is measured and the best
 state kept (with ``ema`` > 0, of the exponential moving average of the parameters, decay ``ema``
 per step, instead of the last step's: it smooths the minibatch noise). Scales are rounded to
-float16 (as stored) before the final measurement, and the result is kept only if its held-out KL is lower than the starting one. (Moving codes by one step
-too, as blocktune does, measured no better on SmolLM2 and was dropped: RESULTS.md.)
+float16 (as stored) before the final measurement, and the result is kept only if its held-out
+KL is lower than the starting one. (Moving codes by one step too, as blocktune does, measured no
+better on SmolLM2 and was dropped: RESULTS.md.)
 
 The whole model (float weights of the teacher and codes of the student) must fit in the
 device's memory: this stage is for models that fit, unlike the layer-by-layer calibration.
@@ -132,7 +133,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
 
         before = held_out()
         history = [(0, before)]
-        best = (before, None)
+        best = (before, ({n: torch.zeros_like(lin.a) for n, lin in lins.items()},     # the start
+                         {n: torch.zeros_like(v) for n, v in b.items()}))
         tuned = [lin.a for lin in lins.values()] + list(b.values())
         opt = torch.optim.Adam(tuned, lr=lr)
         avg = [t.detach().clone() for t in tuned] if ema else None     # exponential moving average
@@ -167,9 +169,9 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                             t.copy_(c)
         with torch.no_grad():
             for n, lin in lins.items():           # the best measured state (or the start)
-                lin.a.copy_(best[1][0][n]) if best[1] is not None else lin.a.zero_()
+                lin.a.copy_(best[1][0][n])
             for n, v in b.items():
-                v.copy_(best[1][1][n]) if best[1] is not None else v.zero_()
+                v.copy_(best[1][1][n])
             scales16 = {n: lin.scales().half() for n, lin in lins.items()}
             for n, v in b.items():            # fold the multipliers into the stored norm weights
                 stored = (init or {}).get(n, student[n]).dtype          # measure what will be stored
