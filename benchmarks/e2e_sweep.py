@@ -1,9 +1,10 @@
 """Sweep the end-to-end distillation stage (runtime/quant/e2etune.py) on one quantized checkpoint.
 
 Loads the float model (the embedded SmolLM2-135M-Instruct by default) and an exa quantized
-checkpoint of it once, then for every configuration ``STEPS:LR:BATCH:NORMS[:EMA]`` tunes the
+checkpoint of it once, then for every configuration ``STEPS:LR:BATCH:NORMS[:EMA[:SCHEDULE]]`` tunes the
 checkpoint's group scales (and norms when NORMS is 1; EMA: the decay of the moving average of
-the parameters that is measured and kept instead of the last step's, default 0 = off) towards
+the parameters that is measured and kept instead of the last step's, default 0 = off; SCHEDULE:
+const (default) or cos, the learning rate's decay) towards
 the float model's next-token distribution on the calibration half of lee_background (windows 0..63 train, the rest held
 out), and scores the result on the evaluation half (sliding window 1,024, stride 512) at each
 ``--max-tokens`` length, beside the untuned checkpoint and the float baseline.
@@ -77,10 +78,11 @@ def main(args) -> dict:
            "baseline": base, "start": score(), "runs": []}
     print("baseline", base, "start", res["start"], flush=True)
     for cfg in args.configs.split(","):
-        steps, lr, batch, norms, *ema = cfg.split(":")
+        steps, lr, batch, norms, *rest = cfg.split(":")
         t = time.perf_counter()
         r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch),
-                     norms=norms == "1", ema=float(ema[0]) if ema else 0.0, init=init,
+                     norms=norms == "1", ema=float(rest[0]) if rest else 0.0,
+                     schedule=rest[1] if len(rest) > 1 else "const", init=init,
                      eval_every=args.eval_every, progress=False)
         secs = time.perf_counter() - t
         ppl = score(r.scales, r.norms)

@@ -93,6 +93,25 @@ def test_ema_measures_and_keeps_the_moving_average(tuned):
     assert [kl for _, kl in avg.history[1:]] != [kl for _, kl in plain.history[1:]]
 
 
+def test_cosine_schedule_learns_along_another_path(tuned):
+    """schedule='cos' decays the learning rate to 0: it still learns, along another path than
+    the constant rate, and its last steps move the parameters less."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src, before, _, _ = tuned
+    spec, quant, other = load_quantized(before)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(str(src))(calibration_text(_text(2)), return_tensors="pt")["input_ids"][0]
+    train, val = split_windows(ids, 64)
+    kw = dict(lr=3e-3, batch=4, init=other, eval_every=1, progress=False)
+    const = e2e_tune(model, quant, spec, train, val, steps=20, **kw)
+    cos = e2e_tune(model, quant, spec, train, val, steps=20, schedule="cos", **kw)
+    assert cos.kept and cos.after < cos.before
+    assert [kl for _, kl in cos.history[1:]] != [kl for _, kl in const.history[1:]]
+    assert cos.history[1] == const.history[1]           # the first step is taken at the full rate
+    last = lambda r: abs(r.history[-1][1] - r.history[-2][1])          # noqa: E731
+    assert last(cos) < last(const)
+
+
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tuned):
     src, _, after, _ = tuned
     snapshot = {p: p.read_bytes() for p in after.rglob("*") if p.is_file()}
@@ -126,6 +145,9 @@ def test_bad_inputs_are_refused(tuned, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ema"):
         e2e_tune(model, {}, spec, torch.zeros(2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long),
                  steps=1, ema=1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        e2e_tune(model, {}, spec, torch.zeros(2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long),
+                 steps=1, schedule="linear")
     with pytest.raises(ValueError, match="at least 2 windows"):
         split_windows(torch.arange(100), 64)
     with pytest.raises(ValueError, match="float model"):

@@ -14,7 +14,8 @@ the float model, not the text, so the stage recovers what quantization lost; it 
 the model on the calibration text. Adam, ``batch`` random windows per step; every
 ``eval_every`` steps the mean KL over held-out windows (``val_ids``) is measured and the best
 state kept (with ``ema`` > 0, of the exponential moving average of the parameters, decay ``ema``
-per step, instead of the last step's: it smooths the minibatch noise). Scales are rounded to
+per step, instead of the last step's: it smooths the minibatch noise; with ``schedule="cos"``
+the learning rate decays from ``lr`` to 0 along a half cosine over the steps). Scales are rounded to
 float16 (as stored) before the final measurement, and the result is kept only if its held-out
 KL is lower than the starting one. (Moving codes by one step too, as blocktune does, measured no
 better on SmolLM2 and was dropped: RESULTS.md.)
@@ -24,6 +25,7 @@ device's memory: this stage is for models that fit, unlike the layer-by-layer ca
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -83,7 +85,7 @@ def _kl(logits: Tensor, teacher_logp: Tensor) -> Tensor:
 
 def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantSpec,
              train_ids: Tensor, val_ids: Tensor, *, steps: int, lr: float = 1e-3, batch: int = 2,
-             norms: bool = True, ema: float = 0.0, init: dict[str, Tensor] | None = None, eval_every: int = 50,
+             norms: bool = True, ema: float = 0.0, schedule: str = "const", init: dict[str, Tensor] | None = None, eval_every: int = 50,
              seed: int = 0, progress: bool = True) -> E2EResult:
     """Tune the quantized linears ``quant`` (full name -> packed tensors) of
     ``model`` (the float model, the teacher, its parameters on the compute device) on the
@@ -93,6 +95,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
         raise ValueError(f"e2e steps must be >= 1, got {steps}")
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"e2e ema (the moving average's decay per step) must be in [0, 1), got {ema}")
+    if schedule not in ("const", "cos"):
+        raise ValueError(f"e2e learning-rate schedule must be 'const' or 'cos', got {schedule!r}")
     if train_ids.shape[0] < 1 or val_ids.shape[0] < 1:
         raise ValueError("e2e tuning needs at least one training and one held-out window")
     dev = next(model.parameters()).device
@@ -137,6 +141,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                          {n: torch.zeros_like(v) for n, v in b.items()}))
         tuned = [lin.a for lin in lins.values()] + list(b.values())
         opt = torch.optim.Adam(tuned, lr=lr)
+        sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
+                 if schedule == "cos" else None)
         avg = [t.detach().clone() for t in tuned] if ema else None     # exponential moving average
         gen = torch.Generator().manual_seed(seed)
         bar = tqdm(range(1, steps + 1), desc="e2e tune", unit="step", disable=not progress)
@@ -147,6 +153,8 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if avg is not None:
                 with torch.no_grad():
                     for m, t in zip(avg, tuned):
