@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from runtime.assets import default_model_safetensors, lee_background_split  # noqa: E402
 from runtime.perplexity import perplexity_from_nll, sliding_nll  # noqa: E402
 from runtime.quant import intq  # noqa: E402
+from runtime.quant._common import natural_order  # noqa: E402
 from runtime.quant.e2e_ckpt import sampled_windows  # noqa: E402
 from runtime.quant.e2etune import e2e_tune, load_quantized  # noqa: E402
 
@@ -54,7 +55,7 @@ def main(args) -> dict:
             for name, t in quant.items():
                 w = params[name + ".weight"]
                 tt = dict(t, scales=scales[name]) if scales else t
-                w.copy_(intq.dequantize(tt, spec, w.shape[0], w.shape[1]).to(w.device))
+                w.copy_(natural_order(intq.dequantize(tt, spec, w.shape[0], w.shape[1]), tt).to(w.device))
             for k, v in {**init, **(norms or {})}.items():
                 if k in params:                            # a tied head is the embedding's parameter
                     params[k].copy_(v.to(params[k].device))

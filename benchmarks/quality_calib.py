@@ -26,6 +26,7 @@ model is unusually sensitive to re-quantization at group 128; see RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -52,7 +53,8 @@ def rows_for(args) -> list[tuple[str, str, QuantSpec | None]]:
         g = f"g{args.group_size}"
         rows += [(f"RTN int{bits} {g}", "rtn", spec), (f"GPTQ int{bits} {g}", "gptq", spec)]
         if args.act_order:
-            rows.append((f"GPTQ int{bits} {g} act-order", "gptq-act", spec))
+            rows.append((f"GPTQ int{bits} {g} act-order", "gptq-act",
+                         dataclasses.replace(spec, act_order=args.act_groups)))
         rows.append((f"AWQ int{bits} {g}", "awq", spec))
         if bits == 4:
             rows.append((f"RTN int4 {g} (min grid, exa's default)", "rtn",
@@ -63,6 +65,7 @@ def rows_for(args) -> list[tuple[str, str, QuantSpec | None]]:
 def gptq_suffix(args) -> str:
     """The non-default GPTQ options of this run, for the row labels."""
     opts = [f"damp {args.damp:g}"] if args.damp != 0.01 else []
+    opts += ["groups in act-order"] if args.act_groups else []
     opts += [o for o, on in (("static groups", args.static_groups), ("mse", args.mse)) if on]
     opts += [f"sink x{args.sink_weight:g}"] if args.sink_weight != 1 else []
     opts += [f"refit {args.refit}"] if args.refit else []
@@ -155,6 +158,8 @@ if __name__ == "__main__":
     ap.add_argument("--awq-samples", type=int, default=32, help="windows the AWQ alpha search scores")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damp_percent")
     ap.add_argument("--act-order", action="store_true", help="add GPTQ act-order rows")
+    ap.add_argument("--act-groups", action="store_true",
+                    help="act-order rows: groups formed in act-order, the permutation stored (spec act_order)")
     ap.add_argument("--static-groups", action="store_true", help="GPTQ grids from the original weights")
     ap.add_argument("--mse", action="store_true", help="GPTQ: clipping search for each group's range")
     ap.add_argument("--sink-weight", type=float, default=1.0,

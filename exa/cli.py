@@ -147,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                         "loads the whole float model once)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq dampening (default 0.01)")
     q.add_argument("--desc-act", action="store_true", help="gptq act-order (static groups)")
+    q.add_argument("--act-groups", action="store_true",
+                   help="gptq with --desc-act: groups in act-order (the input permutation is stored)")
     q.add_argument("--mse", action="store_true", help="gptq: clipping search for each group's range")
     q.add_argument("--sink-weight", type=float, default=1.0,
                    help="gptq: Hessian weight of each window's first token for q/k/v (default 1 = off; ~512 "
@@ -292,7 +294,7 @@ def _cmd_quantize(args) -> None:
                      mse=args.mse, sink_weight=args.sink_weight,
                      refit=args.refit, fp_target=args.fp_target, tune=args.tune,
                      tune_sink_weight=args.tune_sink_weight, e2e=args.e2e, e2e_generate=args.e2e_generate,
-                     calibration_generate=args.calib_generate, device=args.device)
+                     calibration_generate=args.calib_generate, act_groups=args.act_groups, device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:
         done = {k: v for k, v in q.losses.items() if v is not None}

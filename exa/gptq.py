@@ -25,7 +25,7 @@ class GPTQInference:
         max_length: longest sequence (prompt + generated tokens); ``generate`` fills up to it
             unless ``max_new_tokens`` is given.
         group_size: GPTQ group size (-1 = per channel).
-        desc_act: act-order.
+        desc_act: act-order; act_groups: groups in act-order too (see ``exa.Quantize``).
         damp_percent: Hessian dampening.
         mse, sink_weight, refit, fp_target, tune, tune_sink_weight, e2e, e2e_generate: clipping
             search, attention-sink weighting, grid refit, float-model target, block-wise and
@@ -38,7 +38,8 @@ class GPTQInference:
 
     def __init__(self, model_id: str | None = None, quantization_config_bits: int = 4,
                  quantization_config_dataset: str | Sequence[str] | None = None, max_length: int = 500, *,
-                 group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
+                 group_size: int = 128, desc_act: bool = False, act_groups: bool = False,
+                 damp_percent: float = 0.01,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0, fp_target: float = 0.0,
                  tune: int = 0, tune_sink_weight: float = 1.0, e2e: int = 0, e2e_generate: int = 0,
                  calibration_samples: int = 128, calibration_seqlen: int = 512, calibration_generate: int = 0,
@@ -62,6 +63,8 @@ class GPTQInference:
             self.settings.update(e2e=e2e, e2e_generate=e2e_generate)
         if calibration_generate:
             self.settings.update(calibration_generate=calibration_generate)
+        if act_groups:
+            self.settings.update(act_groups=True)
         self._cache_root = Path(cache_dir) if cache_dir else None
         self.inference_kwargs = inference_kwargs
         self._llm = None
@@ -99,7 +102,8 @@ class GPTQInference:
                      refit=s.get("refit", 0), fp_target=s.get("fp_target", 0.0),
                      tune=s.get("tune", 0), tune_sink_weight=s.get("tune_sink_weight", 1.0),
                      e2e=s.get("e2e", 0), e2e_generate=s.get("e2e_generate", 0),
-                     calibration_generate=s.get("calibration_generate", 0), device=self.inference_kwargs.get("device"))
+                     calibration_generate=s.get("calibration_generate", 0), act_groups=s.get("act_groups", False),
+                     device=self.inference_kwargs.get("device"))
         return q.save(out, progress=progress)
 
     @property

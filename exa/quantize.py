@@ -49,7 +49,10 @@ class Quantize:
         calibration_seqlen: tokens per window (default 512).
         damp_percent: GPTQ dampening, a fraction of the Hessian's mean diagonal (default 0.01).
         desc_act: GPTQ act-order (columns by decreasing Hessian diagonal; groups stay static,
-            in natural column order, since the format has no g_idx).
+            in natural column order, unless ``act_groups``).
+        act_groups: GPTQ with desc_act: form the groups in act-order instead (GPTQ's own desc_act
+            without static groups); the checkpoint then stores each linear's input permutation
+            and gathers the input columns before every quantized matmul.
         static_groups: GPTQ: compute every group's grid from the original weights up front.
         true_sequential: GPTQ: quantize q/k/v, o, gate/up, down in turn, re-running the layer.
         mse: GPTQ: choose each group's range by a clipping search instead of min/max.
@@ -85,7 +88,7 @@ class Quantize:
                  static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0,
                  fp_target: float = 0.0, tune: int = 0, tune_sink_weight: float = 1.0,
-                 e2e: int = 0, e2e_generate: int = 0, calibration_generate: int = 0):
+                 e2e: int = 0, e2e_generate: int = 0, calibration_generate: int = 0, act_groups: bool = False):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -99,7 +102,9 @@ class Quantize:
                 raise ValueError(f"method={method!r} writes the int format (int2/int3/int4, or bits=8), "
                                  f"not {quant_type!r}")
             self.spec = QuantSpec("int", bits if bits is not None else named, group_size or 128, sym=sym,
-                                  zero_mode="int")
+                                  zero_mode="int", act_order=bool(act_groups))
+        if act_groups and not (method == "gptq" and desc_act):
+            raise ValueError("act_groups (groups in act-order) needs method='gptq' and desc_act=True")
         self.method, self.calibration = method, calibration
         self.calib_kwargs = dict(n_samples=calibration_samples, seqlen=calibration_seqlen, device=device)
         if not sink_weight > 0:

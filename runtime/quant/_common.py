@@ -41,6 +41,15 @@ def check_tensors(t: dict[str, Tensor], shapes: Shapes, spec: QuantSpec) -> None
                              f"got {tuple(got.shape)} {got.dtype}")
 
 
+def natural_order(w: Tensor, t: dict[str, Tensor]) -> Tensor:
+    """``w [N, K]`` in the packed column order of ``t`` -> the original order: with a ``perm``
+    (spec ``act_order``) ``W[:, perm[j]] = Wp[:, j]``; without one, ``w`` itself."""
+    perm = t.get("perm")
+    if perm is None:
+        return w
+    return w.index_select(1, torch.argsort(perm.to(w.device, torch.long)))
+
+
 def group_of(spec: QuantSpec, K: int, ragged: bool = False) -> int:
     """The group (block) length along K: ``spec.group_size``, or K for per-channel (-1).
 

@@ -32,6 +32,7 @@ from torch.func import functional_call
 
 from . import intq
 from ._common import group_of
+from ._common import natural_order
 from .refit import dequant
 from .spec import QuantSpec
 
@@ -58,6 +59,7 @@ class _Linear:
                   else torch.full_like(self.s, float(2 ** (spec.bits - 1))))
         self.a = torch.zeros_like(self.s, requires_grad=True)
         self.v = torch.zeros_like(self.q, requires_grad=True)
+        self.inv = (torch.argsort(t["perm"].to(device, torch.long)) if "perm" in t else None)  # act_order
 
     def codes(self) -> Tensor:
         v = self.v
@@ -66,8 +68,9 @@ class _Linear:
     def scales(self) -> Tensor:
         return self.s * torch.exp(self.a)
 
-    def weight(self) -> Tensor:
-        return dequant(self.codes(), self.scales(), self.z, self.g)
+    def weight(self) -> Tensor:                    # [N, K], the original column order
+        w = dequant(self.codes(), self.scales(), self.z, self.g)
+        return w if self.inv is None else w[:, self.inv]
 
     @torch.no_grad()
     def pack(self, t: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -148,6 +151,6 @@ def tune_layer(layer: nn.Module, targets: dict[str, tuple[nn.Module, bool]], pac
             with torch.inference_mode():             # the caller's weights are inference tensors
                 for n, (lin, transposed) in lins.items():
                     mod = targets[n][0]
-                    w = intq.dequantize(out[n], spec, lin.N, lin.K).to(mod.weight.dtype)
+                    w = natural_order(intq.dequantize(out[n], spec, lin.N, lin.K), out[n]).to(mod.weight.dtype)
                     mod.weight.copy_(w.t() if transposed else w)
         return TuneResult(out, before, after if kept else before, kept)

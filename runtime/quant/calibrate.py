@@ -117,6 +117,9 @@ class Calibrator:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.spec, self.method, self.opts = check_spec(spec), method, options or CalibOptions()
+        if spec.act_order and method != "gptq":
+            raise ValueError(f"a spec with act_order (groups in act-order, a stored permutation) is "
+                             f"written by GPTQ only, not {method!r}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.compute_dtype, self.skip = compute_dtype, list(skip_modules)
         self.progress, self.on_block = progress, on_block

@@ -59,12 +59,14 @@ class _QLin:
         self.z = (t["zeros"].to(device, torch.float32) if "zeros" in t
                   else torch.full_like(self.s, float(2 ** (spec.bits - 1))))
         self.a = torch.zeros_like(self.s, requires_grad=True)
+        self.inv = (torch.argsort(t["perm"].to(device, torch.long)) if "perm" in t else None)  # act_order
 
     def scales(self) -> Tensor:
         return self.s * torch.exp(self.a)
 
     def weight(self, scales: Tensor | None = None) -> Tensor:
         w = dequant(self.q, self.scales() if scales is None else scales, self.z, self.g)
+        w = w if self.inv is None else w[:, self.inv]                  # the original column order
         return w.t() if self.transposed else w
 
 
@@ -204,12 +206,12 @@ def load_quantized(ckpt_dir) -> tuple[QuantSpec, dict[str, dict[str, Tensor]], d
     ck = ExaCheckpoint(Path(ckpt_dir), AutoConfig.from_pretrained(ckpt_dir))
     try:
         spec = ck.quant
-        if spec is None or spec.fmt != "int" or spec.act_order or (not spec.sym and spec.zero_mode != "int"):
+        if spec is None or spec.fmt != "int" or (not spec.sym and spec.zero_mode != "int"):
             raise ValueError(f"{ckpt_dir}: e2e tuning needs an exa checkpoint in the int format with "
                              f"integer zero points (GPTQ / AWQ / RTN zero_mode='int'), found {spec}")
         keys = ck.keys()
         names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
-        parts = ("qweight", "scales", "zeros")
+        parts = ("qweight", "scales", "zeros", "perm")
         quant = {n: {a: ck.get(f"{n}.{a}").clone() for a in parts if f"{n}.{a}" in keys} for n in names}
         owned = {f"{n}.{a}" for n in names for a in parts}
         other = {k: ck.get(k).clone() for k in sorted(keys - owned)}

@@ -22,16 +22,21 @@ calibration inputs, ``[n, K]``). This module implements the standard algorithm:
   is re-run on the refit grid (``refit`` rounds); every row keeps its best (codes, grid).
 
 exa's format has no ``g_idx`` (column k always belongs to group ``k // group_size``), so with
-``desc_act=True`` the grids are always *static groups*: computed from the original weights in
-natural column order before the permutation; with that the stored result is exact for the
-format (no reordering is needed at run time). ``static_groups=True`` without act-order also
-computes the grids up front.
+``desc_act=True`` and a plain spec the grids are always *static groups*: computed from the
+original weights in natural column order before the permutation; with that the stored result is
+exact for the format (no reordering is needed at run time). ``static_groups=True`` without
+act-order also computes the grids up front. With a spec whose ``act_order`` is set (the format
+that stores an input permutation ``perm``, spec.py) the groups are formed in act-order instead,
+as GPTQ's own desc_act without static groups does: GPTQ runs on the columns in ``perm`` order
+(decreasing ``H[k, k]``), each run of ``group_size`` of them shares a grid, and ``perm`` is
+stored with the packed tensors; the kernels gather ``x[..., perm]`` first.
 
 All arithmetic is float32; scales are rounded to float16 before codes are chosen (as intq.py
 does), so ``intq.dequantize`` of the result equals the weights GPTQ optimised against.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from contextlib import contextmanager
@@ -41,6 +46,7 @@ import torch
 from torch import Tensor
 
 from . import intq
+from ._common import natural_order
 from .refit import dequant, refit_grid, row_loss
 from .spec import QuantSpec
 
@@ -169,7 +175,9 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
         H: the input Hessian, e.g. ``Hessian.H``; moved to ``w``'s device.
         spec: an int spec with zero_mode "int" or sym (bits 2/3/4/8, group size or -1).
         damp_percent: fraction of the mean diagonal added to the diagonal.
-        desc_act: act-order (columns by decreasing ``H[k, k]``); implies static groups here.
+        desc_act: act-order (columns by decreasing ``H[k, k]``); implies static groups here
+            (with ``spec.act_order`` the columns are always taken in act-order, in groups of
+            that order, and ``perm`` is returned too: module doc).
         static_groups: compute every group's grid from the original weights up front.
         block_size: columns per lazy-batch block (rounded to whole groups).
         mse: choose each group's range by a clipping search (_mse_shrink) instead of min/max.
@@ -180,6 +188,14 @@ def gptq_quantize(w: Tensor, H: Tensor, spec: QuantSpec, *, damp_percent: float 
         a GPTQResult: intq packed tensors, the dequantized weight and the GPTQ loss.
     """
     check_spec(spec)
+    if spec.act_order:                     # groups formed in act-order, the permutation stored
+        Hf = H.detach().to(w.device, torch.float32)
+        perm = torch.argsort(torch.diag(Hf), descending=True, stable=True)
+        res = gptq_quantize(w[:, perm], Hf[perm][:, perm], dataclasses.replace(spec, act_order=False),
+                            damp_percent=damp_percent, static_groups=static_groups, block_size=block_size,
+                            mse=mse, refit=refit)
+        packed = {**res.packed, "perm": perm.to(torch.int32)}
+        return GPTQResult(packed, natural_order(res.weight, packed), res.loss)
     N, K = intq.check_weight(w, spec)
     intq.packed_shapes(spec, N, K)                                   # validates K for the format
     if tuple(H.shape) != (K, K):
