@@ -17,7 +17,7 @@ import types
 import pytest
 
 KERNEL_MODULES = ("runtime.kernels.tuning", "runtime.kernels.tl_dequant", "runtime.kernels.dequant",
-                  "runtime.kernels.splitk", "runtime.kernels.int_gemv_simt",
+                  "runtime.kernels.splitk", "runtime.kernels.int_gemv_simt", "runtime.kernels.int_gemv_planes",
                   "runtime.kernels.int_gemv",
                   "runtime.kernels.int_gemm", "runtime.kernels.nf4_gemv_simt", "runtime.kernels.nf4_gemv",
                   "runtime.kernels.nf4_gemm",

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
+from runtime.kernels.int_gemv_planes import planes_candidates, planes_launch, planes_on, planes_valid
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
 from runtime.kernels.splitk import fused_counters, partials, sum_partials
 from runtime.kernels.tuning import Tuner, interpreting, m_bucket
@@ -68,12 +69,15 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
-        + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2)
+        + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2) \
+        + (planes_candidates(bits) if M >= 2 and planes_on() else [])
 
 
 def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
     if cfg.get("SIMT"):
         return simt_valid(cfg, M, K, bits, group)
+    if cfg.get("PLANES"):
+        return planes_valid(cfg, M, K, bits, group)
     cpw = 16 if bits == 3 else 32 // bits
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
     subk = min(bk, group)
@@ -96,6 +100,8 @@ def launch(x, t, spec, N, K, cfg, out=None):
     if cfg.get("SIMT"):
         simt_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg,
                     fin=None if cnt is None else out, cnt=cnt)
+    elif cfg.get("PLANES"):
+        planes_launch(x, qw, t["scales"], zt, dst, N, K, g, mode, spec.bits, cfg, interpreting())
     else:
         _int_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
             x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2),
