@@ -95,3 +95,22 @@ def test_cli_and_gptqinference_pass_it_on(generated, tmp_path):
     assert g.checkpoint_dir != plain.checkpoint_dir
     meta = json.loads((g.quantize(progress=False) / "exa.json").read_text())["metadata"]["calibration"]
     assert meta["sampled_windows"] == 4
+
+
+def test_sampling_temperature_and_top_p(generated):
+    """A tiny nucleus keeps only the most likely token: the windows are the greedy continuation;
+    the default (the model's own distribution) differs from it; bad settings are refused."""
+    path, _ = generated
+    model, _ = e2e_ckpt.float_model(str(path), "cpu")
+    prompts = torch.randint(3, 100, (3, 16), generator=torch.Generator().manual_seed(0))
+    nucleus = e2e_ckpt.sampled_windows(model, prompts, 3, 16, prefix=4, top_p=1e-6)
+    gen = torch.Generator().manual_seed(1)                  # the prompts sampled_windows picks
+    order = torch.randint(0, 3, (3,), generator=gen)
+    assert torch.equal(nucleus[:, :4], prompts[order, :4])
+    greedy = model.generate(prompts[order, :4], attention_mask=torch.ones(3, 4, dtype=torch.long), do_sample=False,
+                            max_new_tokens=12, min_new_tokens=12, pad_token_id=model.config.eos_token_id)
+    assert torch.equal(nucleus, greedy)
+    assert not torch.equal(e2e_ckpt.sampled_windows(model, prompts, 3, 16, prefix=4), greedy)
+    for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        with pytest.raises(ValueError, match="top_p"):
+            e2e_ckpt.sampled_windows(model, prompts, 1, 16, **bad)

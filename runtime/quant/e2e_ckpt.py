@@ -73,9 +73,12 @@ def split_windows(ids: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
 
 
 def sampled_windows(model: nn.Module, prompts: Tensor, n: int, seqlen: int, *, prefix: int = 8,
-                    batch: int = 64, seed: int = 1) -> Tensor:
-    """``n`` windows of ``seqlen`` tokens sampled from ``model`` (temperature 1, no top-k or
-    top-p), each continuing the first ``prefix`` tokens of a random window of ``prompts``."""
+                    batch: int = 64, seed: int = 1, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
+    """``n`` windows of ``seqlen`` tokens sampled from ``model`` (by default temperature 1, no
+    top-k or top-p: the model's own distribution), each continuing the first ``prefix`` tokens
+    of a random window of ``prompts``."""
+    if not (temperature > 0 and 0 < top_p <= 1):
+        raise ValueError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -86,7 +89,7 @@ def sampled_windows(model: nn.Module, prompts: Tensor, n: int, seqlen: int, *, p
         p = prompts[torch.randint(0, prompts.shape[0], (b,), generator=gen), :prefix].to(dev)
         with torch.no_grad():
             ids = model.generate(p, attention_mask=torch.ones_like(p), pad_token_id=model.config.eos_token_id,
-                                 do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                 do_sample=True, top_k=0, top_p=top_p, temperature=temperature,
                                  max_new_tokens=seqlen - prefix, min_new_tokens=seqlen - prefix)
         out.append(ids[:, :seqlen].cpu())
         done += b
