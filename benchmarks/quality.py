@@ -12,6 +12,7 @@ The default model's weights come from a GGUF Q4_1 file: they already lie on an a
 symmetric g32 row shows a real re-quantization.
 
     python benchmarks/quality.py --max-tokens 16384 --out quality.json
+    python benchmarks/quality.py --device cuda --dtype float16 --only baseline int8   # bnb's GPU LLM.int8
 """
 from __future__ import annotations
 
@@ -42,10 +43,15 @@ EXA_ROWS = [("baseline (fp32)", None), ("exa int8 (LLM.int8, t=6)", spec_from_na
             ("exa int2 g32", spec_from_name("int2", group_size=32))]
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def exa_ppl(path: Path, spec, ids, args) -> float:
-    with exa.Inference(str(path), quantize=spec, offload="none", device="cpu", progress=False,
-                       max_context=args.max_length) as llm:
-        total, n = sliding_nll(lambda w: llm.engine.forward(w), ids, args.max_length, args.stride, progress=False)
+    device, dtype = getattr(args, "eval_device", "cpu"), DTYPES[getattr(args, "dtype", "float32")]
+    with exa.Inference(str(path), quantize=spec, offload="none", device=device, progress=False,
+                       dtype=dtype, max_context=args.max_length) as llm:
+        total, n = sliding_nll(lambda w: llm.engine.forward(w).float(), ids, args.max_length, args.stride,
+                               progress=False)
     return perplexity_from_nll(total, n)
 
 
@@ -54,7 +60,8 @@ def bnb_ppl(path: Path, kind: str, ids, args) -> float:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bf
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    device = getattr(args, "eval_device", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[getattr(args, "dtype", "float32")]).eval()
     for name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if not isinstance(child, torch.nn.Linear) or cname == "lm_head":
@@ -66,12 +73,16 @@ def bnb_ppl(path: Path, kind: str, ids, args) -> float:
             else:
                 new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                           has_fp16_weights=False, threshold=6.0)
-                new.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)._quantize("cpu")
+                new.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
+                new.weight = (new.weight._quantize("cpu") if device == "cpu"
+                              else new.weight.to(device))          # (moving it to CUDA quantizes it)
                 if child.bias is not None:
                     new.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 setattr(mod, cname, new)
+    model.to(device)
     with torch.no_grad():
-        total, n = sliding_nll(lambda w: model(w).logits, ids, args.max_length, args.stride, progress=False)
+        total, n = sliding_nll(lambda w: model(w.to(device)).logits.float(), ids, args.max_length,
+                               args.stride, progress=False)
     return perplexity_from_nll(total, n)
 
 
@@ -99,6 +110,7 @@ def run(args) -> dict:
     for r in rows:
         r["vs_baseline"] = r["ppl"] / base - 1
     return {"tokens": int(ids.numel()), "max_length": args.max_length, "stride": args.stride,
+            "device": args.eval_device, "dtype": args.dtype,
             "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}
 
 
@@ -115,6 +127,10 @@ if __name__ == "__main__":
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--skip-bnb", action="store_true")
+    ap.add_argument("--device", dest="eval_device", default="cpu",
+                    help="cpu (CI: bitsandbytes' CPU int8 is weight-only) or cuda (its LLM.int8 quantizes activations)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="compute dtype of every row (float16 on cuda: what bitsandbytes' int8 matmul takes)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     res = run(args)
