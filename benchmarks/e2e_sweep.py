@@ -41,9 +41,11 @@ def main(args) -> dict:
     n = cids.numel() // args.seqlen
     windows = cids[: n * args.seqlen].reshape(n, args.seqlen)
     train, val = windows[: args.train], windows[args.train:]
-    if args.generate:
-        train = torch.cat([train, sampled_windows(model, train, args.generate, args.seqlen,
-                                                  temperature=args.gen_temperature, top_p=args.gen_top_p)])
+    if args.generate or args.val_generate:
+        sampled = sampled_windows(model, train, args.generate + args.val_generate, args.seqlen,
+                                  temperature=args.gen_temperature, top_p=args.gen_top_p)
+        train = torch.cat([train, sampled[: args.generate]])
+        val = torch.cat([val, sampled[args.generate:]])              # held out as well
     ids = tok(eval_text, return_tensors="pt")["input_ids"][0]
     spec, quant, init = load_quantized(args.ckpt)
     params = dict(model.named_parameters())
@@ -76,7 +78,8 @@ def main(args) -> dict:
             total, count = sliding_nll(lambda w: model(w.to(args.device)).logits, ids[:m], 1024, 512, progress=False)
             base[m] = perplexity_from_nll(total, count)
     res = {"ckpt": args.ckpt, "device": str(args.device), "date": time.strftime("%Y-%m-%d"),
-           "generate": {"n": args.generate, "temperature": args.gen_temperature, "top_p": args.gen_top_p},
+           "generate": {"n": args.generate, "held_out": args.val_generate, "temperature": args.gen_temperature,
+                        "top_p": args.gen_top_p},
            "torch": torch.__version__, "train_windows": int(train.shape[0]), "val_windows": int(val.shape[0]),
            "baseline": base, "start": score(), "runs": []}
     print("baseline", base, "start", res["start"], flush=True)
@@ -107,6 +110,8 @@ if __name__ == "__main__":
     ap.add_argument("--train", type=int, default=64, help="calibration windows to train on (the rest: held out)")
     ap.add_argument("--generate", type=int, default=0,
                     help="also train on N windows sampled from the float model (prompted by calibration windows)")
+    ap.add_argument("--val-generate", type=int, default=0,
+                    help="also hold out N more sampled windows (a larger held-out set to pick the best step)")
     ap.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature of --generate")
     ap.add_argument("--gen-top-p", type=float, default=1.0, help="nucleus (top-p) of --generate")
     ap.add_argument("--eval-every", type=int, default=50)
