@@ -86,3 +86,48 @@ def test_gpu_planes(fmt, mode):
             assert err < tol, f"{spec.name} M={M}: {err:.2e}"
     finally:
         int_gemv.TUNER.override, int_gemv.TUNER.cache = saved
+
+
+@interp_only
+def test_the_tuner_uses_a_planes_config_only_where_it_agrees(K, monkeypatch):
+    """int_gemv's tuner check: a PLANES config passes when its output matches the first valid
+    tensor-core config's, fails when it does not (here: a sabotaged launch); others pass."""
+    G = K.int_gemv
+    spec, N, Kd, M = _spec(4, 128, "int"), 64, 256, 5
+    g = _gen("planes-check")
+    t = R.random_quantized(spec, N, Kd, generator=g)
+    x = torch.randn(M, Kd, generator=g)
+    out = torch.empty(M, N)
+    cands = [G._cfg(32, 128), K.int_gemv_planes.planes_cfg(32, 128)]
+    check = G._agrees_with_tc(x, t, spec, N, Kd, 128, 8, cands, out)
+    assert check(cands[0]) and check(cands[1])
+    real = G.planes_launch
+
+    def sabotaged(x, qw, s, z, dst, *a, **kw):
+        real(x, qw, s, z, dst, *a, **kw)
+        dst[:, : N // 2] *= -1
+    monkeypatch.setattr(G, "planes_launch", sabotaged)
+    assert not G._agrees_with_tc(x, t, spec, N, Kd, 128, 8, cands, out)(cands[1])
+
+
+def test_tuner_skips_configs_its_check_rejects(monkeypatch, tmp_path):
+    """Tuner.pick on a GPU: the fastest config is not picked when check rejects it (warned);
+    without check it is."""
+    from runtime.kernels import tuning
+    times = {"a": 3.0, "b": 1.0, "c": 2.0}
+    calls = []
+
+    def fake_time(run):
+        calls.append(run())
+        return times[calls[-1]]
+    monkeypatch.setattr(tuning, "_time_graph", fake_time)
+    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
+    cands = [{"n": "a"}, {"n": "b"}, {"n": "c"}]
+    tuner = tuning.Tuner("t")
+    tuner.override = None
+    with pytest.warns(UserWarning, match="disagrees"):
+        cfg = tuner.pick(("k",), cands, lambda c: True, lambda c: c["n"], True, check=lambda c: c["n"] != "b")
+    assert cfg == {"n": "c"} and "b" not in calls
+    assert tuning.Tuner("u").pick(("k",), cands, lambda c: True, lambda c: c["n"], True) == {"n": "b"}
+    assert (tmp_path / "tuning.json").is_file()                        # picks made on a "GPU" are kept

@@ -114,6 +114,27 @@ def launch(x, t, spec, N, K, cfg, out=None):
     return out
 
 
+def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
+    """``check`` for the tuner: a PLANES config (not yet measured on every GPU) is used only if
+    its output matches the first valid tensor-core config's on these inputs (relative difference
+    below 3e-2: bf16 rounding of two correct sums is ~5e-3). Other configs pass."""
+    state: dict = {}
+
+    def check(c: dict) -> bool:
+        if not c.get("PLANES"):
+            return True
+        if "ref" not in state:
+            base = next((b for b in cands if not b.get("PLANES") and not b.get("SIMT")
+                         and _valid(b, mb, N, K, spec.bits, g)), None)
+            state["ref"] = None if base is None else launch(x, t, spec, N, K, base, out).float().clone()
+        ref = state["ref"]
+        if ref is None:
+            return True
+        y = launch(x, t, spec, N, K, c, out).float()
+        return bool(torch.isfinite(y).all()) and float((y - ref).norm()) <= 3e-2 * float(ref.norm())
+    return check
+
+
 def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> torch.Tensor:
     """Decode GEMV: x [M, K] (M <= 16) -> [M, N] in x.dtype. Autotuned per (N, K, M bucket)."""
     check_int_inputs(x, t, spec, N, K)
@@ -122,7 +143,8 @@ def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
-    cfg = TUNER.pick(key, candidates(mb, spec.bits, x.dtype),
-                     lambda c: _valid(c, mb, N, K, spec.bits, g),
-                     lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
+    cands = candidates(mb, spec.bits, x.dtype)
+    cfg = TUNER.pick(key, cands, lambda c: _valid(c, mb, N, K, spec.bits, g),
+                     lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda,
+                     check=_agrees_with_tc(x, t, spec, N, K, g, mb, cands, out))
     return launch(x, t, spec, N, K, cfg, out)

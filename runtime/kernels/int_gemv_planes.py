@@ -1,7 +1,9 @@
 """Decode GEMV on the tensor cores, one ``tl.dot`` per code plane: ``out [M, N] = x [M, K] @ W.T``.
 
 A candidate of ``int_gemv`` (configs with ``PLANES``), for the int format at 2, 4 and 8 bits;
-offered to the tuner only with ``EXA_GEMV_PLANES=1`` until measured on a GPU (``planes_on``).
+offered to the tuner only with ``EXA_GEMV_PLANES=1`` until measured on a GPU (``planes_on``), and
+then used only where its output agrees with the established tensor-core kernel's
+(``int_gemv._agrees_with_tc``, the tuner's check).
 ``int_gemv``'s tensor-core kernel unpacks the CPW codes of every int32 word into planes and
 joins them back into one [BN, BK] tile for a single dot; the join reorders registers, so the
 compiler cannot produce the dot's operand layout straight from the load. Here each plane stays

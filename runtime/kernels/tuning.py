@@ -8,6 +8,10 @@ capture fails), so that the CPU's launch overhead does not hide the GPU time of 
 Picks made on a GPU are kept in ``$EXA_CACHE_DIR/tuning.json`` (keyed by kernel, GPU name and
 triton version), so a machine tunes each shape once, not once per process.
 
+A launcher may also pass ``check(cfg) -> bool``: a candidate it rejects (e.g. an experimental
+kernel whose output disagrees with an established one on these inputs) is neither timed nor
+picked.
+
 Tests override the candidate lists (``Tuner.override``) with one tiny config: with a single
 candidate nothing is timed, which is what the CPU interpreter needs.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -118,8 +123,10 @@ class Tuner:
         self.verbose = bool(os.environ.get("EXA_TUNE_VERBOSE"))
 
     def pick(self, key: tuple, candidates: Sequence[Config], valid: Callable[[Config], bool],
-             launch: Callable[[Config], None], on_gpu: bool) -> Config:
-        """The config for ``key``; times ``launch(cfg)`` for each valid candidate the first time."""
+             launch: Callable[[Config], None], on_gpu: bool,
+             check: Callable[[Config], bool] | None = None) -> Config:
+        """The config for ``key``; times ``launch(cfg)`` for each valid candidate the first time
+        (those ``check`` accepts, when given)."""
         cfg = self.cache.get(key)
         if cfg is not None:
             return cfg
@@ -138,6 +145,10 @@ class Tuner:
             results = []
             for c in cands:
                 try:
+                    if check is not None and not check(c):
+                        warnings.warn(f"{self.name}: config {c} disagrees with the reference kernel "
+                                      f"for {key}; not used")
+                        continue
                     results.append((c, _time_graph(lambda c=c: launch(c))))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip config
                     if self.verbose:
