@@ -24,7 +24,7 @@ import os
 import triton
 import triton.language as tl
 
-from runtime.kernels.tl_dequant import MAGIC, MAGIC_F, dot_acc
+from runtime.kernels.tl_dequant import MAGIC, dot_acc, int_group_params
 
 _BITS = (2, 4, 8)
 
@@ -49,14 +49,7 @@ def _planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, 
     k_lo = pid_k * k_len
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_lo, k_lo + k_len, BLOCK_K):
-        gidx = rows * G + k0 // GROUP
-        S = tl.load(s_ptr + gidx).to(tl.float32)[:, None]                               # [BN, 1]
-        if MODE == 1:
-            Z = tl.load(z_ptr + gidx).to(tl.float32)[:, None] + MAGIC_F
-        else:
-            Z = tl.zeros_like(S) + (MAGIC_F + (1 << (BITS - 1)) * (MODE == 0))
-        if MODE == 2:
-            MN = tl.load(z_ptr + gidx).to(tl.float32)[:, None]
+        Z, S, MN = int_group_params(s_ptr, z_ptr, rows, k0 // GROUP, G, BITS, MODE, tl.float32)  # [BN, 1]
         w = tl.load(qw_ptr + rows[:, None] * stride_qw + (k0 // CPW + offs_w)[None, :])    # [BN, BW]
         for i in tl.static_range(CPW):
             f = (((w >> (i * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._common import natural_order
 from .spec import QuantSpec
 
 
@@ -106,11 +107,7 @@ class QuantLinear(nn.Module):
         """The reference weight ``[N, K]`` in ``dtype``, in the original column order."""
         w = _fmt(self.spec).dequantize(self.packed(), self.spec, self.out_features,
                                        self.in_features, dtype=dtype)
-        if self.perm is None:
-            return w
-        out = torch.empty_like(w)
-        out[:, self.perm.long()] = w                     # W[:, perm[j]] = Wp[:, j]
-        return out
+        return w if self.perm is None else natural_order(w, {"perm": self.perm})
 
     def forward(self, x: Tensor) -> Tensor:  # [..., K] -> [..., N]
         if self.perm is not None:
