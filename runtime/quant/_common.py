@@ -41,13 +41,18 @@ def check_tensors(t: dict[str, Tensor], shapes: Shapes, spec: QuantSpec) -> None
                              f"got {tuple(got.shape)} {got.dtype}")
 
 
+def inverse_perm(t: dict[str, Tensor], device) -> Optional[Tensor]:
+    """The column gather that puts packed tensors ``t`` back in the original order (the inverse
+    of their ``perm``, spec ``act_order``), or None without one."""
+    perm = t.get("perm")
+    return None if perm is None else torch.argsort(perm.to(device, torch.long))
+
+
 def natural_order(w: Tensor, t: dict[str, Tensor]) -> Tensor:
     """``w [N, K]`` in the packed column order of ``t`` -> the original order: with a ``perm``
     (spec ``act_order``) ``W[:, perm[j]] = Wp[:, j]``; without one, ``w`` itself."""
-    perm = t.get("perm")
-    if perm is None:
-        return w
-    return w.index_select(1, torch.argsort(perm.to(w.device, torch.long)))
+    inv = inverse_perm(t, w.device)
+    return w if inv is None else w.index_select(1, inv)
 
 
 def group_of(spec: QuantSpec, K: int, ragged: bool = False) -> int:

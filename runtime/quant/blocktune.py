@@ -31,8 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import intq
-from ._common import group_of
-from ._common import natural_order
+from ._common import group_of, inverse_perm, natural_order
 from .refit import dequant
 from .spec import QuantSpec
 
@@ -59,7 +58,7 @@ class _Linear:
                   else torch.full_like(self.s, float(2 ** (spec.bits - 1))))
         self.a = torch.zeros_like(self.s, requires_grad=True)
         self.v = torch.zeros_like(self.q, requires_grad=True)
-        self.inv = (torch.argsort(t["perm"].to(device, torch.long)) if "perm" in t else None)  # act_order
+        self.inv = inverse_perm(t, device)              # act_order: the column gather, else None
 
     def codes(self) -> Tensor:
         v = self.v

@@ -34,7 +34,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from . import intq
-from ._common import group_of
+from ._common import group_of, inverse_perm
 from .refit import dequant
 from .spec import QuantSpec
 
@@ -59,7 +59,7 @@ class _QLin:
         self.z = (t["zeros"].to(device, torch.float32) if "zeros" in t
                   else torch.full_like(self.s, float(2 ** (spec.bits - 1))))
         self.a = torch.zeros_like(self.s, requires_grad=True)
-        self.inv = (torch.argsort(t["perm"].to(device, torch.long)) if "perm" in t else None)  # act_order
+        self.inv = inverse_perm(t, device)              # act_order: the column gather, else None
 
     def scales(self) -> Tensor:
         return self.s * torch.exp(self.a)
