@@ -31,7 +31,7 @@ from runtime.assets import default_model_safetensors, lee_background  # noqa: E4
 from runtime.perplexity import perplexity_from_nll, sliding_nll  # noqa: E402
 from runtime.quant.spec import QuantSpec, spec_from_name  # noqa: E402
 
-EXA_ROWS = [("baseline (fp32)", None), ("exa int8 (LLM.int8, t=6)", spec_from_name("int8")),
+EXA_ROWS = [("baseline", None), ("exa int8 (LLM.int8, t=6)", spec_from_name("int8")),
             ("exa int8 weight-only (per channel, sym)", QuantSpec("int", 8, -1, sym=True)),
             ("exa int4 g32 (asym, min: the source's own Q4_1 grid)", spec_from_name("int4", group_size=32)),
             ("exa int4 g32 sym", spec_from_name("int4", group_size=32, sym=True)),
@@ -98,6 +98,7 @@ def run(args) -> dict:
         if args.only and not any(o in label for o in args.only):
             continue
         t = time.perf_counter()
+        label = f"baseline ({args.dtype})" if spec is None else label
         rows.append({"config": label, "ppl": exa_ppl(path, spec, ids, args), "s": time.perf_counter() - t})
         print(rows[-1], flush=True)
     if not args.skip_bnb:

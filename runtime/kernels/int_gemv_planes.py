@@ -1,9 +1,10 @@
 """Decode GEMV on the tensor cores, one ``tl.dot`` per code plane: ``out [M, N] = x [M, K] @ W.T``.
 
 A candidate of ``int_gemv`` (configs with ``PLANES``), for the int format at 2, 4 and 8 bits;
-offered to the tuner only with ``EXA_GEMV_PLANES=1`` until measured on a GPU (``planes_on``), and
-then used only where its output agrees with the established tensor-core kernel's
-(``int_gemv._agrees_with_tc``, the tuner's check).
+offered to the tuner only with ``EXA_GEMV_PLANES=1`` (``planes_on``), and then used only where its
+output agrees with the established tensor-core kernel's (``int_gemv._agrees_with_tc``, the
+tuner's check). Measured on an H100 (benchmarks/RESULTS.md, 2026-11-27): correct, but the tuner
+never kept it at M = 2-16 on the Llama shapes, so it stays off by default.
 ``int_gemv``'s tensor-core kernel unpacks the CPW codes of every int32 word into planes and
 joins them back into one [BN, BK] tile for a single dot; the join reorders registers, so the
 compiler cannot produce the dot's operand layout straight from the load. Here each plane stays
@@ -68,7 +69,7 @@ def _planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, 
 
 def planes_on() -> bool:
     """Whether ``int_gemv`` offers these configs to its tuner: only with ``EXA_GEMV_PLANES=1``
-    until the kernel has been measured on a GPU (its CUDA tests included)."""
+    (on the H100 it never beat the other configs, so the default tuning skips its cost)."""
     return os.environ.get("EXA_GEMV_PLANES", "0") == "1"
 
 
