@@ -86,24 +86,6 @@ SIMT_CASES = [c for c in CASES if c[0] != 3]
 
 @interp_only
 @pytest.mark.parametrize("bits,group,mode", SIMT_CASES)
-def test_int_gemv_prefetch_interpreted(K, bits, group, mode):
-    """The tensor-core GEMV loading step k + 1's words and group parameters before it
-    dequantizes step k (PF configs): one and several steps per program, split K, both orders."""
-    i = SIMT_CASES.index((bits, group, mode))
-    Kd, split = (128, 256)[i % 2], (1, 2)[(i // 2) % 2]
-    bk = 32 if group == 32 else 64
-    spec = _spec(bits, group, mode)
-    g = _gen("gemv-pf", bits, group, mode)
-    t = R.random_quantized(spec, 64, Kd, generator=g)
-    x = torch.randn((1, 5, 16)[i % 3], Kd, generator=g).to(DTYPES[i % 3])
-    cfg = K.int_gemv._cfg(32, bk, sk=split, perm=bool(i % 2), pf=True)
-    assert K.int_gemv._valid(cfg, 16, 64, Kd, bits, group if group > 0 else Kd)
-    _tiny(K.int_gemv, cfg)
-    _check(K.int_gemv.int_gemv, x, t, spec, 64, Kd, TOL[x.dtype])
-
-
-@interp_only
-@pytest.mark.parametrize("bits,group,mode", SIMT_CASES)
 def test_int_gemv_simt_interpreted(K, bits, group, mode):
     """The CUDA-core GEMV (M <= 4, 2/4/8 bits), M below BLOCK_M, cycling through its variants:
     FADD-free codes or not, prefetch, persistent grid, 128/64/32-bit chunks, BLOCK_K, split K,
@@ -290,22 +272,6 @@ def test_gpu_split_k_is_deterministic(spec):
     assert all(torch.equal(y, ys[0]) for y in ys)
     ref = x.float() @ R.dequant(t, spec, 4096, 4096, torch.float32).T
     assert _rel(ys[0], ref) < 1e-2
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("M", [1, 8, 16])
-def test_gpu_gemv_prefetch(M):
-    """Every PF config of the tensor-core GEMV on a Llama shape, against the reference."""
-    from runtime.kernels import int_gemv
-    spec = QuantSpec("int", 4, 128)
-    saved = int_gemv.TUNER.override, dict(int_gemv.TUNER.cache)
-    try:
-        for cfg in [c for c in int_gemv.candidates(16, 4) if c.get("PF")]:
-            int_gemv.TUNER.override, int_gemv.TUNER.cache = [cfg], {}
-            err = _gpu_case(spec, 4096, 4096, M, seed=M)
-            assert err < 1e-2, f"{cfg} M={M}: rel err {err:.2e}"
-    finally:
-        int_gemv.TUNER.override, int_gemv.TUNER.cache = saved
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels.tl_dequant import (dot_acc, int_group_from, int_group_params, int_group_raw,
-                                       int_tile, int_words, int_words_tile, load_xt)
+from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_planes import planes_candidates, planes_launch, planes_on, planes_valid
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
@@ -30,8 +29,7 @@ TUNER = Tuner("int_gemv")
 def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
                      stride_qw, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     SPLIT_K: tl.constexpr, PERM: tl.constexpr, INTERP: tl.constexpr,
-                     PF: tl.constexpr = False):
+                     SPLIT_K: tl.constexpr, PERM: tl.constexpr, INTERP: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     CPW: tl.constexpr = 16 if BITS == 3 else 32 // BITS          # codes per int32 word
     SUBK: tl.constexpr = BLOCK_K if BLOCK_K < GROUP else GROUP    # a sub-tile is in one group
@@ -43,32 +41,15 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
     k_len = K // SPLIT_K
     k_lo = pid_k * k_len
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    if PF:
-        # the words and group parameters of step k + 1 are loaded before step k is dequantized
-        # (one sub-tile a step: BLOCK_K <= GROUP; BITS 2/4/8), so a warp keeps a load in flight
-        # while it computes; the last step reloads its own tile (a cache hit) instead of a branch
-        w_c = int_words(qw_ptr, rows, k_lo // CPW, stride_qw, BITS, BLOCK_K)
-        s_c, zm_c = int_group_raw(s_ptr, z_ptr, rows, k_lo // GROUP, G, MODE)
-        for k0 in range(k_lo, k_lo + k_len, BLOCK_K):
-            kn = tl.minimum(k0 + BLOCK_K, k_lo + k_len - BLOCK_K)
-            w_n = int_words(qw_ptr, rows, tl.multiple_of(kn // CPW, BLOCK_K // CPW), stride_qw,
-                            BITS, BLOCK_K)
-            s_n, zm_n = int_group_raw(s_ptr, z_ptr, rows, kn // GROUP, G, MODE)
-            Z, S, MN = int_group_from(s_c, zm_c, BITS, MODE, DT)
-            w = int_words_tile(w_c, Z, S, MN, BITS, MODE, DT, PERM, BLOCK_N, BLOCK_K, INTERP)
-            xt = load_xt(x_ptr, k0, M, stride_xm, BLOCK_K, BLOCK_M, CPW, PERM)
+    for k0 in range(k_lo, k_lo + k_len, BLOCK_K):
+        for sub in tl.static_range(NSUB):
+            ks = k0 + sub * SUBK
+            Z, S, MN = int_group_params(s_ptr, z_ptr, rows, ks // GROUP, G, BITS, MODE, DT)
+            kw0 = tl.multiple_of(ks // CPW, SUBK // CPW)
+            w = int_tile(qw_ptr, rows, kw0, stride_qw, K, Z, S, MN, BITS, MODE, DT, PERM,
+                         BLOCK_N, SUBK, INTERP)                   # [BN, SUBK]
+            xt = load_xt(x_ptr, ks, M, stride_xm, SUBK, BLOCK_M, CPW, PERM)   # [SUBK, BM]
             acc = dot_acc(w, xt, acc, INTERP)
-            w_c, s_c, zm_c = w_n, s_n, zm_n
-    else:
-        for k0 in range(k_lo, k_lo + k_len, BLOCK_K):
-            for sub in tl.static_range(NSUB):
-                ks = k0 + sub * SUBK
-                Z, S, MN = int_group_params(s_ptr, z_ptr, rows, ks // GROUP, G, BITS, MODE, DT)
-                kw0 = tl.multiple_of(ks // CPW, SUBK // CPW)
-                w = int_tile(qw_ptr, rows, kw0, stride_qw, K, Z, S, MN, BITS, MODE, DT, PERM,
-                             BLOCK_N, SUBK, INTERP)                   # [BN, SUBK]
-                xt = load_xt(x_ptr, ks, M, stride_xm, SUBK, BLOCK_M, CPW, PERM)   # [SUBK, BM]
-                acc = dot_acc(w, xt, acc, INTERP)
     offs_m = tl.arange(0, BLOCK_M)
     # SPLIT_K > 1: partial sums go to slice pid_k of a [SPLIT_K, M, N] float32 buffer, summed
     # afterwards in a fixed order (atomics would make results vary from run to run)
@@ -77,12 +58,9 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16, pf=False):
-    c = {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk, "PERM": perm,
-         "num_warps": nw, "num_stages": ns}
-    if pf:
-        c["PF"] = True
-    return c
+def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk, "PERM": perm,
+            "num_warps": nw, "num_stages": ns}
 
 
 def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
@@ -91,7 +69,6 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
-        + [_cfg(bn, 128, sk, pf=True) for bn, sk in ((64, 1), (64, 2), (64, 4), (128, 2), (32, 4))] \
         + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2) \
         + (planes_candidates(bits) if M >= 2 and planes_on() else [])
 
@@ -105,7 +82,7 @@ def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
     subk = min(bk, group)
     return not (K % (bk * sk) or subk % cpw or group % subk or bk % subk or subk < 16
-                or cfg["BLOCK_M"] < M or (cfg.get("PF") and (bits == 3 or bk > group)))
+                or cfg["BLOCK_M"] < M)
 
 
 def launch(x, t, spec, N, K, cfg, out=None):
@@ -130,7 +107,7 @@ def launch(x, t, spec, N, K, cfg, out=None):
             x, qw, t["scales"], zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2),
             K * spec.bits // 32, BITS=spec.bits, GROUP=g, MODE=mode,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk,
-            PERM=cfg["PERM"], INTERP=interpreting(), PF=cfg.get("PF", False),
+            PERM=cfg["PERM"], INTERP=interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if cnt is None:
         sum_partials(dst, out)           # partial sums added in a fixed order

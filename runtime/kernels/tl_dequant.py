@@ -179,33 +179,14 @@ def int_group_params(s_ptr, z_ptr, rows, gi, G, BITS: tl.constexpr, MODE: tl.con
     MODE 0 symmetric (z = 2**(BITS-1)), 1 uint8 zeros, 2 float16 mins (z = 0). On the 16-bit
     path they are in DT, or in float32 with EPI (applied after the dot instead).
     """
-    s, zm = int_group_raw(s_ptr, z_ptr, rows, gi, G, MODE)
-    return int_group_from(s, zm, BITS, MODE, DT, EPI)
-
-
-@triton.jit
-def int_group_raw(s_ptr, z_ptr, rows, gi, G, MODE: tl.constexpr):
-    """The loads of ``int_group_params``: scales and zeros (MODE 1) or mins (MODE 2), float32 [BN]
-    (a kernel can issue them an iteration early and convert later with ``int_group_from``)."""
     gidx = rows * G + gi
     s = tl.load(s_ptr + gidx).to(tl.float32)
-    if MODE == 0:
-        zm = tl.zeros_like(s)
-    else:
-        zm = tl.load(z_ptr + gidx).to(tl.float32)
-    return s, zm
-
-
-@triton.jit
-def int_group_from(s, zm, BITS: tl.constexpr, MODE: tl.constexpr, DT: tl.constexpr,
-                   EPI: tl.constexpr = False):
-    """``int_group_params`` from the values ``int_group_raw`` loaded."""
     if MODE == 1:
-        z = zm
+        z = tl.load(z_ptr + gidx).to(tl.float32)
     else:
         z = tl.zeros_like(s) + (1 << (BITS - 1)) * (MODE == 0)
     if MODE == 2:
-        m = zm
+        m = tl.load(z_ptr + gidx).to(tl.float32)
     else:
         m = tl.zeros_like(s)
     if pair16(BITS, DT) and EPI:
@@ -244,39 +225,6 @@ def int_tile(qw_ptr, rows, kw0, stride_qw, K, Z, S, MN,
     kw = kw0 + tl.arange(0, BW)
     row_w = rows[:, None] * stride_qw                                     # [BN, 1]
     w = tl.load(qw_ptr + row_w + kw[None, :])                             # [BN, BW] int32
-    if BITS == 3:
-        # the high-bit plane starts K/16 words into the row; low-plane word kw pairs with the
-        # 16-bit half (kw % 2) of high-plane word kw // 2.
-        h = tl.load(qw_ptr + row_w + (K // 16 + kw[None, :] // 2))
-        h = h >> ((kw[None, :] % 2) * 16)
-        t = _arrange16(_f32_3(w, h, 0, Z, S, MN, HM), _f32_3(w, h, 1, Z, S, MN, HM),
-                       _f32_3(w, h, 2, Z, S, MN, HM), _f32_3(w, h, 3, Z, S, MN, HM),
-                       _f32_3(w, h, 4, Z, S, MN, HM), _f32_3(w, h, 5, Z, S, MN, HM),
-                       _f32_3(w, h, 6, Z, S, MN, HM), _f32_3(w, h, 7, Z, S, MN, HM),
-                       _f32_3(w, h, 8, Z, S, MN, HM), _f32_3(w, h, 9, Z, S, MN, HM),
-                       _f32_3(w, h, 10, Z, S, MN, HM), _f32_3(w, h, 11, Z, S, MN, HM),
-                       _f32_3(w, h, 12, Z, S, MN, HM), _f32_3(w, h, 13, Z, S, MN, HM),
-                       _f32_3(w, h, 14, Z, S, MN, HM), _f32_3(w, h, 15, Z, S, MN, HM), PERM).to(DT)
-        out = tl.reshape(t, [BLOCK_N, BLOCK_K])
-    else:
-        out = int_words_tile(w, Z, S, MN, BITS, MODE, DT, PERM, BLOCK_N, BLOCK_K, F32MATH, APPLY)
-    return out
-
-
-@triton.jit
-def int_words(qw_ptr, rows, kw0, stride_qw, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The packed words ``int_tile`` loads, [BN, BLOCK_K // CPW] int32 (BITS 2, 4, 8), for a
-    kernel that loads a tile an iteration ahead and dequantizes it with ``int_words_tile``."""
-    kw = kw0 + tl.arange(0, BLOCK_K // (32 // BITS))
-    return tl.load(qw_ptr + rows[:, None] * stride_qw + kw[None, :])
-
-
-@triton.jit
-def int_words_tile(w, Z, S, MN, BITS: tl.constexpr, MODE: tl.constexpr, DT: tl.constexpr,
-                   PERM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   F32MATH: tl.constexpr = False, APPLY: tl.constexpr = True):
-    """``int_tile`` of words already loaded (BITS 2, 4, 8): [BLOCK_N, BLOCK_K] in DT."""
-    HM: tl.constexpr = MODE == 2
     if pair16(BITS, DT):
         if BITS == 8:
             c0, c2 = _pair16(w, 0, BITS, DT, Z, S, MN, HM, F32MATH, APPLY)
@@ -315,6 +263,19 @@ def int_words_tile(w, Z, S, MN, BITS: tl.constexpr, MODE: tl.constexpr, DT: tl.c
                        _f32(w, 20, 3, Z, S, MN, HM), _f32(w, 22, 3, Z, S, MN, HM),
                        _f32(w, 24, 3, Z, S, MN, HM), _f32(w, 26, 3, Z, S, MN, HM),
                        _f32(w, 28, 3, Z, S, MN, HM), _f32(w, 30, 3, Z, S, MN, HM), PERM).to(DT)
+    else:
+        # BITS 3: the high-bit plane starts K/16 words into the row; low-plane word kw pairs with
+        # the 16-bit half (kw % 2) of high-plane word kw // 2.
+        h = tl.load(qw_ptr + row_w + (K // 16 + kw[None, :] // 2))
+        h = h >> ((kw[None, :] % 2) * 16)
+        t = _arrange16(_f32_3(w, h, 0, Z, S, MN, HM), _f32_3(w, h, 1, Z, S, MN, HM),
+                       _f32_3(w, h, 2, Z, S, MN, HM), _f32_3(w, h, 3, Z, S, MN, HM),
+                       _f32_3(w, h, 4, Z, S, MN, HM), _f32_3(w, h, 5, Z, S, MN, HM),
+                       _f32_3(w, h, 6, Z, S, MN, HM), _f32_3(w, h, 7, Z, S, MN, HM),
+                       _f32_3(w, h, 8, Z, S, MN, HM), _f32_3(w, h, 9, Z, S, MN, HM),
+                       _f32_3(w, h, 10, Z, S, MN, HM), _f32_3(w, h, 11, Z, S, MN, HM),
+                       _f32_3(w, h, 12, Z, S, MN, HM), _f32_3(w, h, 13, Z, S, MN, HM),
+                       _f32_3(w, h, 14, Z, S, MN, HM), _f32_3(w, h, 15, Z, S, MN, HM), PERM).to(DT)
     return tl.reshape(t, [BLOCK_N, BLOCK_K])
 
 
