@@ -163,7 +163,7 @@ class Quantize:
         if self._prepared is None:
             self.load_model()
         ckpt, blocks = self._prepared
-        bar = tqdm(blocks, desc=f"quantizing to {self.spec.name}", unit="block")
+        bar = tqdm(blocks, desc=f"quantizing to {self.spec.name}", unit="block", disable=not progress)
 
         def pack(block):
             return pack_block(ckpt, block, on_quantized=self._record)

@@ -263,3 +263,17 @@ def test_past_a_learned_position_table(tiny_models, tmp_path, arch):
         assert m.generate_ids(ids, 6).shape == (1, 6)          # exactly 256 positions: fine
         with pytest.raises(ValueError, match=r"= 257 exceeds the 256 positions.*max_position_emb"):
             m.generate_ids(ids, 7)
+
+
+def test_calibration_that_is_not_a_file(tmp_path):
+    """A str calibration is a file path: a missing one, or text passed as a str (too long to be a
+    path on Linux), is named in a ValueError that says how to pass text, not an OSError."""
+    from runtime.quant.calib_data import calibration_text
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nope.txt")) + ".*list of strings"):
+        calibration_text(str(tmp_path / "nope.txt"))
+    text = "Once upon a time there was a model. " * 400
+    with pytest.raises(ValueError, match=r"'Once upon a time.*\.\.\.' does not exist.*list of strings"):
+        calibration_text(text)
+    assert calibration_text([text]) == text
+    (tmp_path / "calib.txt").write_text(text, encoding="utf-8")
+    assert calibration_text(tmp_path / "calib.txt") == text

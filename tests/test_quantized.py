@@ -69,6 +69,14 @@ def test_saved_checkpoint_loads_without_requantizing(tiny_models, tmp_path):
         assert b.generate("hello", max_new_tokens=4) == a.generate("hello", max_new_tokens=4)
 
 
+def test_save_progress_bar_only_when_asked(tiny_models, tmp_path, capsys):
+    q = exa.Quantize(str(tiny_models("llama")), quant_type="int4", group_size=32)
+    q.save(tmp_path / "quiet", progress=False)
+    assert "quantizing to" not in capsys.readouterr().err
+    q.save(tmp_path / "loud")
+    assert "quantizing to int4" in capsys.readouterr().err
+
+
 def test_corrupted_or_truncated_shard_is_named(tiny_models, tmp_path):
     out = exa.Quantize(str(tiny_models("llama")), quant_type="nf4").save(tmp_path / "nf4")
     shard = sorted((out / "blocks").iterdir())[2]

@@ -26,9 +26,14 @@ def calibration_text(calibration: Calibration) -> str:
         return lee_background_split()[1]
     if isinstance(calibration, (str, os.PathLike)):
         path = Path(os.path.expanduser(str(calibration)))
-        if not path.is_file():
-            raise ValueError(f"calibration file {path} does not exist (pass a text file, a list of "
-                             "strings, or None for the built-in text)")
+        try:
+            found = path.is_file()
+        except OSError:                     # e.g. the text itself, passed as a str: too long
+            found = False
+        if not found:
+            shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+            raise ValueError(f"calibration file {shown!r} does not exist (pass a text file, the text "
+                             "as a list of strings, or None for the built-in text)")
         try:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
