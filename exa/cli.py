@@ -139,7 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="rtn (no data), gptq or awq (calibrated; int formats) (default rtn)")
     q.add_argument("--quant-type", choices=QUANT_TYPES, default="int4", help="default int4")
     q.add_argument("--bits", type=int, choices=(2, 3, 4, 8), help="int bits (instead of --quant-type)")
-    q.add_argument("--calib", metavar="FILE", help="gptq/awq calibration text (default: built-in text)")
+    q.add_argument("--calib", metavar="FILE|DATASET",
+                   help="gptq/awq calibration text: a file, or when online a datasets name (wikitext2, c4, "
+                        "dataset:NAME[:CONFIG[:SPLIT]]) (default: built-in text)")
     q.add_argument("--calib-samples", type=_count, default=128, metavar="N", help="windows (default 128)")
     q.add_argument("--calib-seqlen", type=_count, default=512, metavar="N", help="tokens each (default 512)")
     q.add_argument("--calib-generate", type=int, default=0, metavar="N",

@@ -20,8 +20,9 @@ class GPTQInference:
         model_id: local directory, .gguf file or hub id of the float model (None: the embedded
             default model, SmolLM2-135M-Instruct).
         quantization_config_bits: bits per weight (2, 3, 4 or 8).
-        quantization_config_dataset: calibration text: a UTF-8 file, a list of strings, or None
-            for the built-in text (second half of lee_background).
+        quantization_config_dataset: calibration text: a UTF-8 file, a list of strings, when
+            online a ``datasets`` name ("wikitext2", "c4", "dataset:NAME[:CONFIG[:SPLIT]]"), or
+            None for the built-in text (second half of lee_background).
         max_length: longest sequence (prompt + generated tokens); ``generate`` fills up to it
             unless ``max_new_tokens`` is given.
         group_size: GPTQ group size (-1 = per channel).

@@ -39,7 +39,9 @@ class Quantize:
         verbose: log every layer's relative quantization error (else only problems are logged).
         method: "rtn" (round to nearest, no data), "gptq" or "awq" (calibrated, layer by layer
             through the engine's blocks; int formats only, stored with uint8 zero points).
-        calibration: calibration text for gptq/awq: a UTF-8 file, a list of strings, or None for
+        calibration: calibration text for gptq/awq: a UTF-8 file, a list of strings, when online
+            a ``datasets`` name ("wikitext2", "c4", "dataset:NAME[:CONFIG[:SPLIT]]", streamed:
+            only the rows the windows need; needs ``pip install datasets``), or None for
             the built-in text (the second half of lee_background; the first half is kept for
             evaluation).
         calibration_samples: number of calibration windows (default 128).

@@ -1,7 +1,9 @@
 """Calibration tokens for GPTQ / AWQ: ``[n_samples, seqlen]`` windows of real text.
 
 The text is a UTF-8 file, a list of strings (joined with blank lines), a pre-tokenized id tensor,
-or by default the calibration half of gensim's lee_background corpus (the second half; the first
+a Hugging Face ``datasets`` dataset when online (``"wikitext2"``, ``"c4"``, or
+``"dataset:NAME[:CONFIG[:SPLIT]]"``; streamed, only as many rows as the windows need), or by
+default the calibration half of gensim's lee_background corpus (the second half; the first
 half is what perplexity figures are scored on, see runtime.assets.lee_background_split). The
 tokens of the whole text are cut into consecutive, non-overlapping windows of ``seqlen`` tokens;
 the first ``n_samples`` are used (fewer, with a warning, when the text is shorter).
@@ -19,8 +21,64 @@ import torch
 Calibration = Union[None, str, os.PathLike, Sequence[str], torch.Tensor]
 
 
-def calibration_text(calibration: Calibration) -> str:
-    """The calibration text for ``calibration`` (None: lee_background's calibration half)."""
+# short names other GPTQ tools accept -> (datasets path, config, split)
+DATASETS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
+            "c4": ("allenai/c4", "en", "train")}
+_OTHERS = "pass a text file, the text as a list of strings, or None for the built-in text"
+
+
+def dataset_of(calibration) -> tuple[str, str | None, str] | None:
+    """(path, config, split) when ``calibration`` names a ``datasets`` dataset, else None."""
+    if not isinstance(calibration, str):
+        return None
+    if calibration.lower() in DATASETS:
+        return DATASETS[calibration.lower()]
+    if calibration.startswith("dataset:"):
+        parts = calibration[len("dataset:"):].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise ValueError(f"calibration {calibration!r}: expected dataset:NAME[:CONFIG[:SPLIT]]")
+        return parts[0], (parts[1] or None) if len(parts) > 1 else None, parts[2] if len(parts) > 2 else "train"
+    return None
+
+
+class _NoText(ValueError):
+    pass
+
+
+def dataset_text(path: str, config: str | None, split: str, max_chars: int) -> str:
+    """The first rows of a ``datasets`` dataset's text column (streamed), ~``max_chars`` chars."""
+    shown = ":".join(p for p in (path, config, split) if p)
+    try:
+        import datasets
+    except ImportError as e:
+        raise ValueError(f"calibration dataset {shown!r} needs the datasets package (pip install "
+                         f"datasets), or {_OTHERS}") from e
+    parts, size = [], 0
+    try:
+        for row in datasets.load_dataset(path, config, split=split, streaming=True):
+            text = row.get("text")
+            if text is None:                  # no "text" column: the first string field
+                text = next((v for v in row.values() if isinstance(v, str)), None)
+                if text is None:
+                    raise _NoText(f"calibration dataset {shown!r} has no text column (fields: {sorted(row)})")
+            if text.strip():
+                parts.append(text)
+                size += len(text) + 2
+                if size >= max_chars:
+                    break
+    except _NoText:
+        raise
+    except Exception as e:                    # offline, unknown name, bad config or split, ...
+        raise ValueError(f"could not load calibration dataset {shown!r} ({type(e).__name__}: {e}); "
+                         f"offline? {_OTHERS}") from e
+    if not parts:
+        raise ValueError(f"calibration dataset {shown!r} gave no text")
+    return "\n\n".join(parts)
+
+
+def calibration_text(calibration: Calibration, max_chars: int = 4_000_000) -> str:
+    """The calibration text for ``calibration`` (None: lee_background's calibration half).
+    ``max_chars`` bounds only what is read from a dataset."""
     if calibration is None:
         from runtime.assets import lee_background_split
         return lee_background_split()[1]
@@ -30,10 +88,12 @@ def calibration_text(calibration: Calibration) -> str:
             found = path.is_file()
         except OSError:                     # e.g. the text itself, passed as a str: too long
             found = False
+        if not found and dataset_of(calibration) is not None:
+            return dataset_text(*dataset_of(calibration), max_chars=max_chars)
         if not found:
             shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
-            raise ValueError(f"calibration file {shown!r} does not exist (pass a text file, the text "
-                             "as a list of strings, or None for the built-in text)")
+            raise ValueError(f"calibration file {shown!r} does not exist ({_OTHERS}; when online "
+                             f"also a dataset: {', '.join(DATASETS)} or dataset:NAME[:CONFIG[:SPLIT]])")
         try:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -52,7 +112,8 @@ def calibration_ids(tokenizer, calibration: Calibration = None, n_samples: int =
     if isinstance(calibration, torch.Tensor):
         ids = calibration.reshape(-1).long()
     else:
-        ids = tokenizer(calibration_text(calibration), return_tensors="pt")["input_ids"][0]
+        text = calibration_text(calibration, max_chars=max(n_samples * seqlen * 8, 100_000))
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     if ids.numel() < seqlen:
         if ids.numel() < 2:
             raise ValueError("the calibration text is empty")
