@@ -74,9 +74,9 @@ class GPTQInference:
     def checkpoint_dir(self) -> Path:
         """Where the quantized checkpoint for this model and these settings lives."""
         from runtime.checkpoint import open_checkpoint
-        from runtime.quant.calib_data import calibration_text
+        from runtime.quant.calib_data import calibration_key
         ckpt = open_checkpoint(self.model_id)
-        text = "" if self.dataset is None else calibration_text(self.dataset)
+        text = "" if self.dataset is None else calibration_key(self.dataset)
         key = json.dumps({"model": str(Path(self.model_id).expanduser().resolve()) if Path(self.model_id).exists()
                           else self.model_id, "fingerprint": ckpt.fingerprint(), **self.settings,
                           "dataset": hashlib.sha256(text.encode()).hexdigest()}, sort_keys=True)

@@ -106,3 +106,14 @@ def test_gptq_calibrates_on_a_dataset(fake, tiny_models, tmp_path):
     assert json.loads((out / "exa.json").read_text())["quantization"]["bits"] == 4
     with exa.Inference(str(out), offload="none", device="cpu", progress=False) as llm:
         assert isinstance(llm.generate("hello", max_new_tokens=2), str)
+
+
+def test_gptq_inference_finds_its_checkpoint_offline(fake, tiny_models, tmp_path):
+    """The cache key of a dataset calibration is the dataset's name: no download to find it."""
+    m = fake([], fail=ConnectionError("offline"))
+    path = str(tiny_models("llama"))
+    a = exa.GPTQInference(path, quantization_config_dataset="wikitext2", cache_dir=tmp_path)
+    b = exa.GPTQInference(path, quantization_config_dataset="dataset:Salesforce/wikitext:wikitext-2-raw-v1",
+                          cache_dir=tmp_path)
+    c = exa.GPTQInference(path, quantization_config_dataset="c4", cache_dir=tmp_path)
+    assert a.checkpoint_dir == b.checkpoint_dir != c.checkpoint_dir and not m.calls

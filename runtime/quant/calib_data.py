@@ -104,6 +104,19 @@ def calibration_text(calibration: Calibration, max_chars: int = 4_000_000) -> st
                     f"got {type(calibration).__name__}")
 
 
+def calibration_key(calibration: Calibration) -> str:
+    """What identifies ``calibration`` without downloading anything: a dataset's name, else the
+    text itself (so a checkpoint calibrated on a dataset is found again offline)."""
+    if isinstance(calibration, str) and dataset_of(calibration) is not None:
+        try:
+            found = Path(os.path.expanduser(calibration)).is_file()
+        except OSError:
+            found = False
+        if not found:
+            return "dataset:" + ":".join(str(p) for p in dataset_of(calibration))
+    return calibration_text(calibration)
+
+
 def calibration_ids(tokenizer, calibration: Calibration = None, n_samples: int = 128,
                     seqlen: int = 512) -> torch.Tensor:
     """``[n, seqlen]`` int64 token windows (n <= n_samples) from ``calibration``."""
