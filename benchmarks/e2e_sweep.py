@@ -51,9 +51,7 @@ def main(args) -> dict:
     params = dict(model.named_parameters())
     orig = {k: v.detach().clone() for k, v in params.items()}
 
-    def score(scales=None, norms=None, biases=None) -> dict[int, float]:
-        for name, v in (biases or {}).items():            # e2e --biases: set while scoring only
-            model.get_submodule(name).bias = torch.nn.Parameter(v.to(args.device), requires_grad=False)
+    def score(scales=None, norms=None) -> dict[int, float]:
         with torch.no_grad():
             for k, v in orig.items():
                 params[k].copy_(v)
@@ -72,8 +70,6 @@ def main(args) -> dict:
         with torch.no_grad():
             for k, v in orig.items():
                 params[k].copy_(v)
-        for name in biases or {}:
-            model.get_submodule(name).bias = None
         return out
 
     with torch.no_grad():
@@ -84,7 +80,7 @@ def main(args) -> dict:
     res = {"ckpt": args.ckpt, "device": str(args.device), "date": time.strftime("%Y-%m-%d"),
            "generate": {"n": args.generate, "held_out": args.val_generate, "temperature": args.gen_temperature,
                         "top_p": args.gen_top_p},
-           "torch": torch.__version__, "biases": args.biases, "bias_lr": args.bias_lr, "train_windows": int(train.shape[0]), "val_windows": int(val.shape[0]),
+           "torch": torch.__version__, "train_windows": int(train.shape[0]), "val_windows": int(val.shape[0]),
            "baseline": base, "start": score(), "runs": []}
     print("baseline", base, "start", res["start"], flush=True)
     for cfg in args.configs.split(","):
@@ -93,9 +89,9 @@ def main(args) -> dict:
         r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch),
                      norms=norms == "1", ema=float(rest[0]) if rest else 0.0,
                      schedule=rest[1] if len(rest) > 1 else "const", init=init,
-                     eval_every=args.eval_every, progress=False, biases=args.biases, bias_lr=args.bias_lr)
+                     eval_every=args.eval_every, progress=False)
         secs = time.perf_counter() - t
-        ppl = score(r.scales, r.norms, r.biases)
+        ppl = score(r.scales, r.norms)
         res["runs"].append({"config": cfg, "s": secs, "kl_before": r.before, "kl_after": r.after, "kept": r.kept,
                             "history": r.history, "ppl": ppl})
         print(json.dumps(res["runs"][-1]), flush=True)
@@ -119,9 +115,6 @@ if __name__ == "__main__":
     ap.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature of --generate")
     ap.add_argument("--gen-top-p", type=float, default=1.0, help="nucleus (top-p) of --generate")
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--biases", action="store_true",
-                    help="also fit an output bias of every quantized linear (experimental: not storable yet)")
-    ap.add_argument("--bias-lr", type=float, default=None, help="--biases: their Adam step (default: the config's lr)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -112,39 +112,6 @@ def test_cosine_schedule_learns_along_another_path(tuned):
     assert last(cos) < last(const)
 
 
-def test_biases_learn_more_and_leave_the_model_alone(tuned):
-    """biases=True (experimental) also fits an output bias per quantized linear: it learns (and
-    along another path than without), the returned biases are what it measured, and the teacher
-    model keeps no bias."""
-    from torch.func import functional_call
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    src, before, _, _ = tuned
-    spec, quant, other = load_quantized(before)
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    ids = AutoTokenizer.from_pretrained(str(src))(calibration_text(_text(2)), return_tensors="pt")["input_ids"][0]
-    train, val = split_windows(ids, 64)
-    kw = dict(steps=30, lr=3e-3, batch=4, init=other, eval_every=5, progress=False)
-    plain = e2e_tune(model, quant, spec, train, val, **kw)
-    withb = e2e_tune(model, quant, spec, train, val, biases=True, **kw)
-    assert withb.kept and withb.after < withb.before and not plain.biases
-    assert len(withb.history) == len(plain.history) + 1                 # + the bias correction's KL
-    assert [kl for _, kl in withb.history[2:]] != [kl for _, kl in plain.history[1:]]
-    assert set(withb.biases) == set(quant) and any(float(b.abs().max()) > 0 for b in withb.biases.values())
-    assert all(model.get_submodule(n).bias is None for n in quant)
-    p = dict(model.named_parameters())                  # re-measure the returned state
-    for n, t in quant.items():
-        p[f"{n}.weight"] = intq.dequantize(dict(t, scales=withb.scales[n]), spec, *p[f"{n}.weight"].shape)
-        p[f"{n}.bias"] = withb.biases[n]
-    p.update({k: v for k, v in withb.norms.items()})
-    with torch.no_grad():
-        kl = 0.0
-        for w in val:
-            t = torch.log_softmax(model(w[None]).logits.float(), -1)
-            q = torch.log_softmax(functional_call(model, p, (w[None],)).logits.float(), -1)
-            kl += float((t.exp() * (t - q)).sum(-1).mean())
-    assert kl / len(val) == pytest.approx(withb.after, rel=1e-4)
-
-
 def test_rerun_is_a_no_op_and_other_settings_are_refused(tuned):
     src, _, after, _ = tuned
     snapshot = {p: p.read_bytes() for p in after.rglob("*") if p.is_file()}

@@ -49,7 +49,6 @@ class E2EResult:
     after: float                          # ... with the returned one (== before if not kept)
     kept: bool
     history: list = field(default_factory=list)    # (step, held-out KL)
-    biases: dict = field(default_factory=dict)     # linear -> float32 output bias [N] (``biases``)
 
 
 class _QLin:
@@ -89,16 +88,11 @@ def _kl(logits: Tensor, teacher_logp: Tensor) -> Tensor:
 def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantSpec,
              train_ids: Tensor, val_ids: Tensor, *, steps: int, lr: float = 1e-3, batch: int = 2,
              norms: bool = True, ema: float = 0.0, schedule: str = "const", init: dict[str, Tensor] | None = None, eval_every: int = 50,
-             seed: int = 0, progress: bool = True, biases: bool = False,
-             bias_lr: float | None = None) -> E2EResult:
+             seed: int = 0, progress: bool = True) -> E2EResult:
     """Tune the quantized linears ``quant`` (full name -> packed tensors) of
     ``model`` (the float model, the teacher, its parameters on the compute device) on the
     windows ``train_ids [n, S]`` (module doc). ``init`` overrides the student's other
-    parameters (e.g. the checkpoint's own norms); ``model`` is left unchanged. ``biases``
-    (experimental, not in the checkpoint format): also fit an output bias of every quantized
-    linear (Adam step ``bias_lr``, default ``lr``), starting from the bias correction
-    ``(W - Q) mean(x)`` (x: the float model's inputs to that linear on ``train_ids``; its held-out
-    KL is the second entry of ``history``), returned in ``E2EResult.biases``."""
+    parameters (e.g. the checkpoint's own norms); ``model`` is left unchanged."""
     if steps < 1:
         raise ValueError(f"e2e steps must be >= 1, got {steps}")
     if not 0.0 <= ema < 1.0:
@@ -122,12 +116,6 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
             lins[name] = _QLin(t, spec, N, K, transposed, dev)
         norm_names = [n for n in norm_params(model) if n in base] if norms else []
         b = {n: torch.zeros_like(student[n], dtype=torch.float32, requires_grad=True) for n in norm_names}
-        bias = {}
-        for name in (lins if biases else ()):
-            if model.get_submodule(name).bias is not None:
-                raise ValueError(f"e2e biases: {name} already has a bias")
-            n_out = base[f"{name}.weight"].shape[1 if lins[name].transposed else 0]
-            bias[name] = torch.zeros(n_out, device=dev, dtype=torch.float32, requires_grad=True)
 
         def params(scales: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
             p = dict(student)
@@ -135,8 +123,6 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                 p[f"{name}.weight"] = lin.weight(None if scales is None else scales[name])
             for n, v in b.items():
                 p[n] = (student[n].float() * torch.exp(v)).to(student[n].dtype)
-            for name, v in bias.items():
-                p[f"{name}.bias"] = v.to(base[f"{name}.weight"].dtype)
             return p
 
         def teacher(ids: Tensor) -> Tensor:
@@ -153,19 +139,10 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
 
         before = held_out()
         history = [(0, before)]
-        kl0 = None
-        if bias:
-            _bias_correction(model, base, lins, bias, train_ids, dev)
-            kl0 = held_out()
-            history.append((0, kl0))
         best = (before, ({n: torch.zeros_like(lin.a) for n, lin in lins.items()},     # the start
-                         {n: torch.zeros_like(v) for n, v in b.items()},
-                         {n: torch.zeros_like(v) for n, v in bias.items()}))
-        if kl0 is not None and kl0 < before:          # the bias correction alone
-            best = (kl0, (best[1][0], best[1][1], {n: v.detach().clone() for n, v in bias.items()}))
-        tuned = [lin.a for lin in lins.values()] + list(b.values()) + list(bias.values())
-        opt = torch.optim.Adam([{"params": tuned[:len(tuned) - len(bias)]},
-                                {"params": list(bias.values()), "lr": lr if bias_lr is None else bias_lr}], lr=lr)
+                         {n: torch.zeros_like(v) for n, v in b.items()}))
+        tuned = [lin.a for lin in lins.values()] + list(b.values())
+        opt = torch.optim.Adam(tuned, lr=lr)
         sched = (torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / steps)))
                  if schedule == "cos" else None)
         avg = [t.detach().clone() for t in tuned] if ema else None     # exponential moving average
@@ -195,8 +172,7 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                 bar.set_postfix(kl=f"{kl:.4g}", start=f"{before:.4g}")
                 if kl < best[0]:
                     best = (kl, ({n: lin.a.detach().clone() for n, lin in lins.items()},
-                                 {n: v.detach().clone() for n, v in b.items()},
-                                 {n: v.detach().clone() for n, v in bias.items()}))
+                                 {n: v.detach().clone() for n, v in b.items()}))
                 if avg is not None:
                     with torch.no_grad():
                         for t, c in zip(tuned, cur):
@@ -206,8 +182,6 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
                 lin.a.copy_(best[1][0][n])
             for n, v in b.items():
                 v.copy_(best[1][1][n])
-            for n, v in bias.items():
-                v.copy_(best[1][2][n])
             scales16 = {n: lin.scales().half() for n, lin in lins.items()}
             for n, v in b.items():            # fold the multipliers into the stored norm weights
                 stored = (init or {}).get(n, student[n]).dtype          # measure what will be stored
@@ -218,32 +192,7 @@ def e2e_tune(model: nn.Module, quant: dict[str, dict[str, Tensor]], spec: QuantS
         out_scales = {n: (scales16[n] if kept else t["scales"].half()).cpu() for n, t in quant.items()}
         out_norms = {n: (student[n] if kept else (init or {}).get(n, base[n])).detach().float().cpu()
                      for n in norm_names}
-        out_bias = {n: v.detach().float().cpu() for n, v in bias.items()} if kept else {}
-        return E2EResult(out_scales, out_norms, before, after if kept else before, kept, history, out_bias)
-
-
-def _bias_correction(model, base, lins, bias, train_ids, dev) -> None:
-    """Set each ``bias[name]`` to ``(W - Q) mean(x)``: the mean output error of the quantized
-    linear on the float model's own inputs (x over every token of ``train_ids``)."""
-    sums, count, hooks = {}, {}, []
-    for name in bias:
-        def hook(mod, inp, name=name):
-            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            count[name] = count.get(name, 0) + x.shape[0]
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for j in range(train_ids.shape[0]):
-                functional_call(model, base, (train_ids[j:j + 1].to(dev),))
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        for name, lin in lins.items():
-            d = (base[f"{name}.weight"].double() - lin.weight().double())
-            d = d.t() if lin.transposed else d                              # [N, K]
-            bias[name].copy_((d @ (sums[name] / count[name])).float())
+        return E2EResult(out_scales, out_norms, before, after if kept else before, kept, history)
 
 
 def load_quantized(ckpt_dir) -> tuple[QuantSpec, dict[str, dict[str, Tensor]], dict[str, Tensor]]:
