@@ -41,6 +41,19 @@ def dataset_of(calibration) -> tuple[str, str | None, str] | None:
     return None
 
 
+def _is_file(path) -> bool:
+    try:
+        return Path(os.path.expanduser(str(path))).is_file()
+    except OSError:                         # e.g. the text itself, passed as a str: too long
+        return False
+
+
+def _dataset_not_file(calibration) -> tuple[str, str | None, str] | None:
+    """The dataset ``calibration`` names, unless a file of that name exists (the file wins)."""
+    ds = dataset_of(calibration)
+    return None if ds is None or _is_file(calibration) else ds
+
+
 class _NoText(ValueError):
     pass
 
@@ -83,14 +96,11 @@ def calibration_text(calibration: Calibration, max_chars: int = 4_000_000) -> st
         from runtime.assets import lee_background_split
         return lee_background_split()[1]
     if isinstance(calibration, (str, os.PathLike)):
+        ds = _dataset_not_file(calibration)
+        if ds is not None:
+            return dataset_text(*ds, max_chars=max_chars)
         path = Path(os.path.expanduser(str(calibration)))
-        try:
-            found = path.is_file()
-        except OSError:                     # e.g. the text itself, passed as a str: too long
-            found = False
-        if not found and dataset_of(calibration) is not None:
-            return dataset_text(*dataset_of(calibration), max_chars=max_chars)
-        if not found:
+        if not _is_file(path):
             shown = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
             raise ValueError(f"calibration file {shown!r} does not exist ({_OTHERS}; when online "
                              f"also a dataset: {', '.join(DATASETS)} or dataset:NAME[:CONFIG[:SPLIT]])")
@@ -107,14 +117,8 @@ def calibration_text(calibration: Calibration, max_chars: int = 4_000_000) -> st
 def calibration_key(calibration: Calibration) -> str:
     """What identifies ``calibration`` without downloading anything: a dataset's name, else the
     text itself (so a checkpoint calibrated on a dataset is found again offline)."""
-    if isinstance(calibration, str) and dataset_of(calibration) is not None:
-        try:
-            found = Path(os.path.expanduser(calibration)).is_file()
-        except OSError:
-            found = False
-        if not found:
-            return "dataset:" + ":".join(str(p) for p in dataset_of(calibration))
-    return calibration_text(calibration)
+    ds = _dataset_not_file(calibration)
+    return calibration_text(calibration) if ds is None else "dataset:" + ":".join(map(str, ds))
 
 
 def calibration_ids(tokenizer, calibration: Calibration = None, n_samples: int = 128,
