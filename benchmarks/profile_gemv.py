@@ -4,8 +4,7 @@
         python3 benchmarks/profile_gemv.py --shape 28672x8192 --m 16 [--simt]
 
 Random int4 g128 weights (uint8 zero points); the tensor-core config the tuner offers first
-(BLOCK_N 64, BLOCK_K 256), with ``--simt`` the first CUDA-core config of the M bucket, or with
-``--elem`` an ELEM config of ``int_gemv_planes`` (BLOCK_N 64, BLOCK_K 128), forced
+(BLOCK_N 64, BLOCK_K 256), or with ``--simt`` the first CUDA-core config of the M bucket, forced
 through the tuner's override so no tuning launches are profiled. Prints the config and the
 relative error against the reference.
 """
@@ -20,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runtime.kernels import int_gemv, reference as R  # noqa: E402
-from runtime.kernels.int_gemv_planes import planes_cfg  # noqa: E402
 from runtime.kernels.tuning import m_bucket  # noqa: E402
 from runtime.quant.spec import QuantSpec  # noqa: E402
 
@@ -30,7 +28,6 @@ def main() -> int:
     ap.add_argument("--shape", default="28672x8192")
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--simt", action="store_true")
-    ap.add_argument("--elem", action="store_true", help="an ELEM config of int_gemv_planes instead")
     ap.add_argument("--launches", type=int, default=5)
     args = ap.parse_args()
     N, K = map(int, args.shape.split("x"))
@@ -39,9 +36,8 @@ def main() -> int:
     t = R.random_quantized(spec, N, K, device="cuda", generator=g)
     x = torch.randn(args.m, K, device="cuda", generator=g).to(torch.bfloat16)
     cands = int_gemv.candidates(m_bucket(args.m), 4)
-    cfg = planes_cfg(64, 128, 1, ns=1, elem=True) if args.elem else \
-        next(c for c in cands if bool(c.get("SIMT")) == args.simt and not c.get("PLANES")
-             and int_gemv._valid(c, m_bucket(args.m), N, K, 4, 128))
+    cfg = next(c for c in cands if bool(c.get("SIMT")) == args.simt and not c.get("PLANES")
+               and int_gemv._valid(c, m_bucket(args.m), N, K, 4, 128))
     int_gemv.TUNER.override, int_gemv.TUNER.cache = [cfg], {}
     for _ in range(args.launches):
         y = int_gemv.int_gemv(x, t, spec, N, K)

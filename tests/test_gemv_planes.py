@@ -43,26 +43,6 @@ def test_planes_every_format(K, fmt, mode):
 
 
 @interp_only
-@pytest.mark.parametrize("fmt,mode", CASES, ids=lambda v: str(v))
-def test_elem_every_format(K, fmt, mode):
-    """ELEM configs (one element per K position, each shifting its code out of its word): 2/4/8
-    bits, every zero mode, M = 1..16, bf16 / fp16 / fp32, split K 1 / 2, several steps a group."""
-    bits, group = fmt
-    i = CASES.index((fmt, mode))
-    M, dtype = (3, 16, 1, 8)[i % 4], DTYPES[(i + 1) % 3]
-    N, bk = (48, 64, 80)[i % 3], 32
-    Kd = 4 * bk if group == -1 else 2 * group
-    split = 1 + (i % 2)
-    cfg = K.int_gemv_planes.planes_cfg(32, bk, sk=split, elem=True)
-    spec = _spec(bits, group, mode)
-    assert K.int_gemv_planes.planes_valid(cfg, M, Kd, bits, Kd if group == -1 else group)
-    g = _gen("elem", bits, group, mode)
-    t = R.random_quantized(spec, N, Kd, generator=g)
-    x = torch.randn(M, Kd, generator=g).to(dtype)
-    _check(K.int_gemv, cfg, x, t, spec, N, Kd, TOL[dtype])
-
-
-@interp_only
 def test_planes_candidates_and_validity(K, monkeypatch):
     """Candidates for 2/4/8 bits only, from M = 2 (M = 1 stays with the CUDA cores and the other
     tensor-core kernel), offered only with EXA_GEMV_PLANES=1; a dot less than 16 words deep, a
@@ -86,7 +66,7 @@ def test_planes_candidates_and_validity(K, monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt,mode", CASES[::2], ids=lambda v: str(v))
 def test_gpu_planes(fmt, mode):
-    """The compiled kernel (per plane, and ELEM), M = 3, 8, 16, bf16 and fp16, split K 1 and 4."""
+    """The compiled kernel, M = 3, 8, 16, bf16 and fp16, split K 1 and 4."""
     from runtime.kernels import int_gemv
     from runtime.kernels.int_gemv_planes import planes_cfg
     bits, group = fmt
@@ -98,13 +78,12 @@ def test_gpu_planes(fmt, mode):
     try:
         for M, sk, dtype in ((3, 1, torch.bfloat16), (8, 4, torch.float16), (16, 4, torch.bfloat16)):
             x = torch.randn(M, Kd, device="cuda", generator=g).to(dtype)
-            for cfg in (planes_cfg(64, 16 * 32 // bits, sk), planes_cfg(64, 64, sk, elem=True)):
-                int_gemv.TUNER.override, int_gemv.TUNER.cache = [cfg], {}
-                y = int_gemv.int_gemv(x, t, spec, N, Kd)
-                ref = x.float() @ R.dequant(t, spec, N, Kd, torch.float32).T
-                err = float((y.float() - ref).norm() / ref.norm())
-                tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-                assert err < tol, f"{spec.name} M={M} {cfg}: {err:.2e}"
+            int_gemv.TUNER.override, int_gemv.TUNER.cache = [planes_cfg(64, 16 * 32 // bits, sk)], {}
+            y = int_gemv.int_gemv(x, t, spec, N, Kd)
+            ref = x.float() @ R.dequant(t, spec, N, Kd, torch.float32).T
+            err = float((y.float() - ref).norm() / ref.norm())
+            tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+            assert err < tol, f"{spec.name} M={M}: {err:.2e}"
     finally:
         int_gemv.TUNER.override, int_gemv.TUNER.cache = saved
 

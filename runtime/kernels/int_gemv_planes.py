@@ -34,7 +34,7 @@ _BITS = (2, 4, 8)
 def _planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
                    stride_qw, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                   SPLIT_K: tl.constexpr, INTERP: tl.constexpr, ELEM: tl.constexpr = False):
+                   SPLIT_K: tl.constexpr, INTERP: tl.constexpr):
     DT: tl.constexpr = x_ptr.dtype.element_ty
     CPW: tl.constexpr = 32 // BITS                   # codes per int32 word
     BW: tl.constexpr = BLOCK_K // CPW                # words per row and step: the dots' depth
@@ -51,32 +51,17 @@ def _planes_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_lo, k_lo + k_len, BLOCK_K):
         Z, S, MN = int_group_params(s_ptr, z_ptr, rows, k0 // GROUP, G, BITS, MODE, tl.float32)  # [BN, 1]
-        if ELEM:
-            # one element per K position: each loads the word holding its code (the same word
-            # CPW times, from L1) and shifts its own code out, so everything from the load to the
-            # dot is elementwise and the compiler may load straight into the dot operand layout
-            kk = k0 + tl.arange(0, BLOCK_K)
-            w = tl.load(qw_ptr + rows[:, None] * stride_qw + (kk // CPW)[None, :])     # [BN, BK]
-            f = (((w >> ((kk % CPW) * BITS)[None, :]) & MASK) | MAGIC).to(tl.float32, bitcast=True)
+        w = tl.load(qw_ptr + rows[:, None] * stride_qw + (k0 // CPW + offs_w)[None, :])    # [BN, BW]
+        for i in tl.static_range(CPW):
+            f = (((w >> (i * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
             wd = (f - Z) * S
             if MODE == 2:
                 wd = wd + MN
-            if not INTERP:
+            if not INTERP:                           # the interpreter multiplies in float32 (dot_acc)
                 wd = wd.to(DT)
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kk[:, None], mask=m_ok, other=0.0)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_w * CPW + i)[:, None],
+                         mask=m_ok, other=0.0)                                           # [BW, BM]
             acc = dot_acc(wd, xt, acc, INTERP)
-        else:
-            w = tl.load(qw_ptr + rows[:, None] * stride_qw + (k0 // CPW + offs_w)[None, :])    # [BN, BW]
-            for i in tl.static_range(CPW):
-                f = (((w >> (i * BITS)) & MASK) | MAGIC).to(tl.float32, bitcast=True)
-                wd = (f - Z) * S
-                if MODE == 2:
-                    wd = wd + MN
-                if not INTERP:                           # the interpreter multiplies in float32 (dot_acc)
-                    wd = wd.to(DT)
-                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_w * CPW + i)[:, None],
-                             mask=m_ok, other=0.0)                                           # [BW, BM]
-                acc = dot_acc(wd, xt, acc, INTERP)
     # SPLIT_K > 1: partial sums go to slice pid_k of a [SPLIT_K, M, N] float32 buffer
     o_ptrs = out_ptr + pid_k * M * stride_om + offs_m[None, :] * stride_om + offs_n[:, None]
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok & (offs_n[:, None] < N))
@@ -88,13 +73,9 @@ def planes_on() -> bool:
     return os.environ.get("EXA_GEMV_PLANES", "0") == "1"
 
 
-def planes_cfg(bn: int, bk: int, sk: int = 1, nw: int = 4, ns: int = 2, bm: int = 16,
-               elem: bool = False) -> dict:
-    c = {"PLANES": True, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk,
-         "num_warps": nw, "num_stages": ns}
-    if elem:
-        c["ELEM"] = True
-    return c
+def planes_cfg(bn: int, bk: int, sk: int = 1, nw: int = 4, ns: int = 2, bm: int = 16) -> dict:
+    return {"PLANES": True, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk,
+            "num_warps": nw, "num_stages": ns}
 
 
 def planes_candidates(bits: int) -> list[dict]:
@@ -104,17 +85,13 @@ def planes_candidates(bits: int) -> list[dict]:
     bk = 16 * (32 // bits)
     return [planes_cfg(64, bk, sk) for sk in (1, 2, 4, 8)] + \
         [planes_cfg(128, bk, 4), planes_cfg(64, bk, 4, ns=3), planes_cfg(64, bk, 4, ns=1),
-         planes_cfg(128, bk, 2, nw=8)] + \
-        [planes_cfg(bn, ek, sk, ns=ns, elem=True) for bn, ek, sk, ns in
-         ((64, 128, 1, 1), (64, 128, 2, 1), (64, 128, 4, 1), (64, 64, 4, 1), (128, 128, 2, 1),
-          (64, 128, 2, 3))]
+         planes_cfg(128, bk, 2, nw=8)]
 
 
 def planes_valid(cfg: dict, M: int, K: int, bits: int, group: int) -> bool:
     bk, sk = cfg["BLOCK_K"], cfg["SPLIT_K"]
-    depth = bk if cfg.get("ELEM") else bk // (32 // bits)            # K positions per dot
-    return (bits in _BITS and depth >= 16 and bk % (32 // bits) == 0 and bk <= group
-            and group % bk == 0 and K % (bk * sk) == 0 and cfg["BLOCK_M"] >= M)
+    return (bits in _BITS and bk // (32 // bits) >= 16 and bk <= group and group % bk == 0
+            and K % (bk * sk) == 0 and cfg["BLOCK_M"] >= M)
 
 
 def planes_launch(x, qw, scales, zt, dst, N, K, g, mode, bits, cfg, interp: bool) -> None:
@@ -124,7 +101,7 @@ def planes_launch(x, qw, scales, zt, dst, N, K, g, mode, bits, cfg, interp: bool
     _planes_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), sk)](
         x, qw, scales, zt, dst, M, N, K, K // g, x.stride(0), dst.stride(-2), K * bits // 32,
         BITS=bits, GROUP=g, MODE=mode, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interp, ELEM=cfg.get("ELEM", False),
+        BLOCK_M=cfg["BLOCK_M"], SPLIT_K=sk, INTERP=interp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
