@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.assets import default_model_safetensors, lee_background_split  # noqa: E402
+from runtime.assets import default_model_safetensors, lee_background_split, lee_documents, wiki_text  # noqa: E402
 from runtime.perplexity import perplexity_from_nll, sliding_nll  # noqa: E402
 from runtime.quant import intq  # noqa: E402
 from runtime.quant._common import natural_order  # noqa: E402
-from runtime.quant.e2e_ckpt import sampled_windows  # noqa: E402
+from runtime.quant.e2e_ckpt import sampled_windows, spread_windows  # noqa: E402
 from runtime.quant.e2etune import e2e_tune, load_quantized  # noqa: E402
 
 
@@ -41,8 +41,21 @@ def main(args) -> dict:
     n = cids.numel() // args.seqlen
     windows = cids[: n * args.seqlen].reshape(n, args.seqlen)
     train, val = windows[: args.train], windows[args.train:]
+    if args.wiki or args.wiki_val:                       # windows spread over the Wikipedia sample
+        ww = spread_windows(tok(wiki_text(), return_tensors="pt")["input_ids"][0], args.seqlen,
+                            args.wiki + args.wiki_val)          # what e2e's text option takes
+        train = torch.cat([train, ww[: args.wiki]])
+        val = torch.cat([val, ww[args.wiki:]])
+    if args.lee_cor != "none":                           # the Lee corpus' 50 other documents
+        lids = tok(lee_documents(), return_tensors="pt")["input_ids"][0]
+        nl = lids.numel() // args.seqlen
+        lw = lids[: nl * args.seqlen].reshape(nl, args.seqlen)
+        if args.lee_cor == "train":
+            train = torch.cat([train, lw])
+        else:
+            val = torch.cat([val, lw])
     if args.generate or args.val_generate:
-        sampled = sampled_windows(model, train, args.generate + args.val_generate, args.seqlen,
+        sampled = sampled_windows(model, windows[: args.train], args.generate + args.val_generate, args.seqlen,
                                   temperature=args.gen_temperature, top_p=args.gen_top_p)
         train = torch.cat([train, sampled[: args.generate]])
         val = torch.cat([val, sampled[args.generate:]])              # held out as well
@@ -80,13 +93,14 @@ def main(args) -> dict:
     res = {"ckpt": args.ckpt, "device": str(args.device), "date": time.strftime("%Y-%m-%d"),
            "generate": {"n": args.generate, "held_out": args.val_generate, "temperature": args.gen_temperature,
                         "top_p": args.gen_top_p},
+           "wiki": {"train": args.wiki, "held_out": args.wiki_val}, "lee_cor": args.lee_cor, "seed": args.seed,
            "torch": torch.__version__, "train_windows": int(train.shape[0]), "val_windows": int(val.shape[0]),
            "baseline": base, "start": score(), "runs": []}
     print("baseline", base, "start", res["start"], flush=True)
     for cfg in args.configs.split(","):
         steps, lr, batch, norms, *rest = cfg.split(":")
         t = time.perf_counter()
-        r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch),
+        r = e2e_tune(model, quant, spec, train, val, steps=int(steps), lr=float(lr), batch=int(batch), seed=args.seed,
                      norms=norms == "1", ema=float(rest[0]) if rest else 0.0,
                      schedule=rest[1] if len(rest) > 1 else "const", init=init,
                      eval_every=args.eval_every, progress=False)
@@ -114,7 +128,13 @@ if __name__ == "__main__":
                     help="also hold out N more sampled windows (a larger held-out set to pick the best step)")
     ap.add_argument("--gen-temperature", type=float, default=1.0, help="sampling temperature of --generate")
     ap.add_argument("--gen-top-p", type=float, default=1.0, help="nucleus (top-p) of --generate")
+    ap.add_argument("--wiki", type=int, default=0,
+                    help="also train on N windows spread over the Wikipedia sample (runtime.assets.wiki_text)")
+    ap.add_argument("--wiki-val", type=int, default=0, help="also hold out N more Wikipedia windows")
+    ap.add_argument("--lee-cor", choices=("none", "train", "val"), default="none",
+                    help="add the Lee corpus' 50 other documents (lee.cor) to the training or held-out windows")
     ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the training windows' order")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -79,7 +79,8 @@ def gptq_suffix(args) -> str:
     if args.e2e:
         opts += [f"e2e {args.e2e}" + (f" lr {args.e2e_lr:g}" if args.e2e_lr != 1e-3 else "")
                  + (f" batch {args.e2e_batch}" if args.e2e_batch != 4 else "")
-                 + (f" + {args.e2e_generate} sampled windows" if args.e2e_generate else "")]
+                 + (f" + {args.e2e_generate} sampled windows" if args.e2e_generate else "")
+                 + (f" + {args.e2e_windows} windows of {args.e2e_text}" if args.e2e_text else "")]
     return f" ({', '.join(opts)})" if opts else ""
 
 
@@ -113,7 +114,8 @@ def run(args) -> dict:
             if args.e2e:
                 from runtime.quant.e2e_ckpt import tune_checkpoint
                 e2e = tune_checkpoint(ck.path, str(path), steps=args.e2e, lr=args.e2e_lr, batch=args.e2e_batch,
-                                      generate=args.e2e_generate, seqlen=args.seqlen, device=args.device)
+                                      generate=args.e2e_generate, seqlen=args.seqlen, device=args.device,
+                                      text=args.e2e_text, text_windows=args.e2e_windows)
             calib_s = time.perf_counter() - t
             ppl = exa_ppl(ck.path, None, ids, args)
         if method.startswith("gptq"):
@@ -181,6 +183,8 @@ if __name__ == "__main__":
     ap.add_argument("--e2e-lr", type=float, default=1e-3, help="e2e: Adam step of the log multipliers")
     ap.add_argument("--e2e-batch", type=int, default=4, help="e2e: windows per step")
     ap.add_argument("--e2e-generate", type=int, default=0, help="e2e: also distil on N windows sampled from the model")
+    ap.add_argument("--e2e-text", default=None, help="e2e: also distil on windows of this text ('wiki': built in)")
+    ap.add_argument("--e2e-windows", type=int, default=1024, help="e2e: windows of --e2e-text (spread over it)")
     ap.add_argument("--device", default=None, help="where GPTQ / AWQ calibrate (default: cuda if present)")
     ap.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
     ap.add_argument("--work", help="where calibrated checkpoints are written (default: a temp dir)")

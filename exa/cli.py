@@ -168,6 +168,13 @@ def _parser() -> argparse.ArgumentParser:
                         "model (default 0 = off; needs the whole model in memory)")
     q.add_argument("--e2e-generate", type=int, default=0, metavar="N",
                    help="--e2e: also distil on N windows sampled from the float model (default 0)")
+    q.add_argument("--e2e-text", metavar="TEXT",
+                   help="--e2e: also distil on windows of this text (a file, a datasets name, or 'wiki': "
+                        "the built-in Wikipedia sample)")
+    q.add_argument("--e2e-windows", type=int, default=1024, metavar="N",
+                   help="--e2e-text: windows to take, spread over the text (default 1024)")
+    q.add_argument("--e2e-lr", type=float, default=1e-3, help="--e2e: Adam's step (default 1e-3)")
+    q.add_argument("--e2e-batch", type=int, default=4, help="--e2e: windows per step (default 4)")
     q.add_argument("--device", type=_device, metavar="DEVICE", help="where gptq/awq run (default: cuda if present)")
     q.add_argument("--group-size", type=int, metavar="G", help="default 128 (nf4/fp4: 64)")
     q.add_argument("--sym", action="store_true", help="symmetric int grid")
@@ -296,6 +303,8 @@ def _cmd_quantize(args) -> None:
                      mse=args.mse, sink_weight=args.sink_weight,
                      refit=args.refit, fp_target=args.fp_target, tune=args.tune,
                      tune_sink_weight=args.tune_sink_weight, e2e=args.e2e, e2e_generate=args.e2e_generate,
+                     e2e_text=args.e2e_text, e2e_windows=args.e2e_windows, e2e_lr=args.e2e_lr,
+                     e2e_batch=args.e2e_batch,
                      calibration_generate=args.calib_generate, act_groups=args.act_groups, device=args.device)
     out = q.save(args.out, overwrite=args.overwrite, progress=sys.stderr.isatty())
     if q.losses:

@@ -28,9 +28,9 @@ class GPTQInference:
         group_size: GPTQ group size (-1 = per channel).
         desc_act: act-order; act_groups: groups in act-order too (see ``exa.Quantize``).
         damp_percent: Hessian dampening.
-        mse, sink_weight, refit, fp_target, tune, tune_sink_weight, e2e, e2e_generate: clipping
-            search, attention-sink weighting, grid refit, float-model target, block-wise and
-            end-to-end tuning (see ``exa.Quantize``).
+        mse, sink_weight, refit, fp_target, tune, tune_sink_weight, e2e, e2e_generate, e2e_text,
+            e2e_windows, e2e_lr, e2e_batch: clipping search, attention-sink weighting, grid refit,
+            float-model target, block-wise and end-to-end tuning (see ``exa.Quantize``).
         calibration_samples, calibration_seqlen: number and length of the calibration windows.
         calibration_generate: windows sampled from the float model added to them (see ``exa.Quantize``).
         cache_dir: where quantized checkpoints are kept (default: the exa cache directory).
@@ -43,6 +43,7 @@ class GPTQInference:
                  damp_percent: float = 0.01,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0, fp_target: float = 0.0,
                  tune: int = 0, tune_sink_weight: float = 1.0, e2e: int = 0, e2e_generate: int = 0,
+                 e2e_text: str | None = None, e2e_windows: int = 1024, e2e_lr: float = 1e-3, e2e_batch: int = 4,
                  calibration_samples: int = 128, calibration_seqlen: int = 512, calibration_generate: int = 0,
                  cache_dir: str | Path | None = None, **inference_kwargs):
         from runtime.assets import default_model
@@ -62,6 +63,8 @@ class GPTQInference:
             self.settings.update(tune=tune, tune_sink_weight=tune_sink_weight)
         if e2e:
             self.settings.update(e2e=e2e, e2e_generate=e2e_generate)
+            if e2e_text is not None or e2e_lr != 1e-3 or e2e_batch != 4:     # only when set (cache keys)
+                self.settings.update(e2e_text=e2e_text, e2e_windows=e2e_windows, e2e_lr=e2e_lr, e2e_batch=e2e_batch)
         if calibration_generate:
             self.settings.update(calibration_generate=calibration_generate)
         if act_groups:
@@ -92,7 +95,7 @@ class GPTQInference:
         if (out / "exa.json").is_file():
             if s.get("e2e"):                # finishes an e2e stage that was interrupted (else a no-op)
                 from runtime.quant.e2e_ckpt import tune_checkpoint
-                tune_checkpoint(out, self.model_id, steps=s["e2e"], generate=s["e2e_generate"],
+                tune_checkpoint(out, self.model_id, steps=s["e2e"], generate=s["e2e_generate"], **self._e2e_extra(),
                                 calibration=self.dataset, seqlen=s["calibration_seqlen"],
                                 device=self.inference_kwargs.get("device"), progress=progress)
             return out
@@ -103,9 +106,16 @@ class GPTQInference:
                      refit=s.get("refit", 0), fp_target=s.get("fp_target", 0.0),
                      tune=s.get("tune", 0), tune_sink_weight=s.get("tune_sink_weight", 1.0),
                      e2e=s.get("e2e", 0), e2e_generate=s.get("e2e_generate", 0),
+                     **{"e2e_" + k.replace("text_windows", "windows"): v for k, v in self._e2e_extra().items()},
                      calibration_generate=s.get("calibration_generate", 0), act_groups=s.get("act_groups", False),
                      device=self.inference_kwargs.get("device"))
         return q.save(out, progress=progress)
+
+    def _e2e_extra(self) -> dict:
+        """The e2e options beyond steps and sampled windows, as tune_checkpoint names them."""
+        s = self.settings
+        return dict(text=s.get("e2e_text"), text_windows=s.get("e2e_windows", 1024),
+                    lr=s.get("e2e_lr", 1e-3), batch=s.get("e2e_batch", 4))
 
     @property
     def llm(self):

@@ -78,6 +78,11 @@ class Quantize:
             eighth of the text is kept, and only if it beats the untuned checkpoint;
             runtime/quant/e2etune.py). Needs the whole model in the device's memory.
         e2e_generate: e2e: also distil on this many windows sampled from the float model.
+        e2e_text, e2e_windows: e2e: also distil on ``e2e_windows`` windows spread over this text
+            (any ``calibration`` value; ``"wiki"``: the built-in Wikipedia sample). Any text is
+            a valid input (the target is the float model); varied text keeps the fit from
+            over-fitting the calibration windows.
+        e2e_lr, e2e_batch: e2e: Adam's step for the log multipliers, windows per step.
         device: where calibration runs ("cuda" when available, else "cpu").
     """
 
@@ -90,7 +95,8 @@ class Quantize:
                  static_groups: bool = False, true_sequential: bool = True, device: str | None = None,
                  mse: bool = False, sink_weight: float = 1.0, refit: int = 0,
                  fp_target: float = 0.0, tune: int = 0, tune_sink_weight: float = 1.0,
-                 e2e: int = 0, e2e_generate: int = 0, calibration_generate: int = 0, act_groups: bool = False):
+                 e2e: int = 0, e2e_generate: int = 0, calibration_generate: int = 0, act_groups: bool = False,
+                 e2e_text=None, e2e_windows: int = 1024, e2e_lr: float = 1e-3, e2e_batch: int = 4):
         if quant_type in ("nf4", "fp4") and group_size == 128:
             group_size = 64                       # bitsandbytes' block size unless asked otherwise
         if method not in ("rtn", "gptq", "awq"):
@@ -117,13 +123,18 @@ class Quantize:
             raise ValueError(f"tune must be a whole number of steps >= 0, got {tune!r}")
         if not tune_sink_weight > 0:
             raise ValueError(f"tune_sink_weight must be > 0, got {tune_sink_weight!r}")
-        for name, v in (("e2e", e2e), ("e2e_generate", e2e_generate), ("calibration_generate", calibration_generate)):
-            if int(v) != v or v < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
+        for name, v, least in (("e2e", e2e, 0), ("e2e_generate", e2e_generate, 0),
+                               ("calibration_generate", calibration_generate, 0),
+                               ("e2e_windows", e2e_windows, 1), ("e2e_batch", e2e_batch, 1)):
+            if int(v) != v or v < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, got {v!r}")
+        if not e2e_lr > 0:
+            raise ValueError(f"e2e_lr must be > 0, got {e2e_lr!r}")
         if (e2e or calibration_generate) and method == "rtn":
             raise ValueError("e2e and calibration_generate are for calibrated methods: use method='gptq' or 'awq'")
         self.calib_kwargs["generate"] = int(calibration_generate)
-        self.e2e = dict(steps=int(e2e), generate=int(e2e_generate), seqlen=calibration_seqlen, device=device)
+        self.e2e = dict(steps=int(e2e), generate=int(e2e_generate), seqlen=calibration_seqlen, device=device,
+                        lr=float(e2e_lr), batch=int(e2e_batch), text=e2e_text, text_windows=int(e2e_windows))
         if not 0 <= fp_target <= 1:
             raise ValueError(f"fp_target must be in [0, 1], got {fp_target!r}")
         self.calib_options = dict(damp_percent=damp_percent, desc_act=desc_act, static_groups=static_groups,

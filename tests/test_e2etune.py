@@ -9,7 +9,7 @@ from runtime.qcheckpoint import rewrite_tensors
 from runtime.quant import intq
 from runtime.quant.calib_data import calibration_text
 from runtime.quant.calibrate import calibrate
-from runtime.quant.e2e_ckpt import split_windows, tune_checkpoint
+from runtime.quant.e2e_ckpt import split_windows, spread_windows, tune_checkpoint
 from runtime.quant.e2etune import e2e_tune, load_quantized
 from test_gptq import CALIB, SPEC, _same_files, _text  # noqa: F401
 from tiny import save_tiny
@@ -185,3 +185,34 @@ def test_gptqinference_finishes_an_interrupted_e2e_stage(tmp_path):
     assert snapshot == {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="method='gptq'"):
         exa.Quantize(str(src), e2e=5)
+    other = exa.GPTQInference(str(src), e2e=20, e2e_text="wiki", e2e_windows=7, e2e_lr=5e-4, **kw)
+    assert other.checkpoint_dir != out                        # the extra e2e options are part of the key
+    assert other._e2e_extra() == dict(text="wiki", text_windows=7, lr=5e-4, batch=4)
+    assert eng._e2e_extra() == dict(text=None, text_windows=1024, lr=1e-3, batch=4)
+
+
+def test_extra_text_windows_are_trained_on_and_recorded(tuned, tmp_path):
+    """``text``: windows spread over another text join the training windows (not the held-out
+    ones), change the run, and are recorded in the manifest by name and count."""
+    import shutil
+    src, before, _, res = tuned
+    shutil.copytree(before, tmp_path / "t")
+    got = tune_checkpoint(tmp_path / "t", str(src), calibration=_text(2), text=_text(3), text_windows=3, **E2E)
+    assert got.before == res.before and got.history != res.history           # same held-out windows
+    meta = json.loads((tmp_path / "t" / "exa.json").read_text())["metadata"]["e2e"]
+    ref = json.loads((tuned[2] / "exa.json").read_text())["metadata"]["e2e"]
+    assert meta["train_windows"] == ref["train_windows"] + 3
+    assert meta["held_out_windows"] == ref["held_out_windows"]
+    assert meta["settings"]["text_windows"] == 3 and meta["settings"]["text"].startswith("text:")
+    assert "text" not in ref["settings"]                                       # unset: the old settings
+    with pytest.raises(ValueError, match="windows must be >= 1"):
+        tune_checkpoint(tmp_path / "t", str(src), calibration=_text(2), text=_text(3), text_windows=0, **E2E)
+
+
+def test_spread_windows_are_evenly_spaced():
+    ids = torch.arange(10 * 4 + 3)
+    w = spread_windows(ids, 4, 4)
+    assert w[:, 0].tolist() == [0, 12, 24, 36]               # windows 0, 3, 6, 9 of 10
+    assert torch.equal(spread_windows(ids, 4, 50), ids[:40].reshape(10, 4))
+    with pytest.raises(ValueError, match="less than one window"):
+        spread_windows(torch.arange(3), 4, 2)

@@ -174,8 +174,9 @@ def test_fp_target_calibrates_resumes_and_beats_rtn(tiny_models, tmp_path, eval_
     (["--refit", "2", "--fp-target", "0.5"], {"refit": 2, "fp_target": 0.5}, [{"refit": -1}, {"fp_target": 1.5}]),
     (["--tune", "5", "--tune-sink-weight", "4"], {"tune": 5, "tune_sink_weight": 4.0},
      [{"tune": -1}, {"tune": 2.5}, {"tune_sink_weight": 0}]),
-    (["--e2e", "3", "--e2e-generate", "2"], {"steps": 3, "generate": 2, "seqlen": 64},
-     [{"e2e": -1}, {"e2e_generate": 1.5}]),
+    (["--e2e", "3", "--e2e-generate", "2", "--e2e-lr", "2e-3", "--e2e-batch", "2"],
+     {"steps": 3, "generate": 2, "seqlen": 64, "lr": 2e-3, "batch": 2},
+     [{"e2e": -1}, {"e2e_generate": 1.5}, {"e2e_windows": 0}, {"e2e_batch": 0}, {"e2e_lr": 0.0}]),
 ], ids=["refit-fp-target", "tune", "e2e"])
 def test_new_options_reach_the_checkpoint_through_cli_and_api(tiny_models, tmp_path, flags, used, bads):
     """refit / fp_target / tune (recorded run options) and e2e (its own manifest entry) flow

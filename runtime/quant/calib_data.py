@@ -2,8 +2,9 @@
 
 The text is a UTF-8 file, a list of strings (joined with blank lines), a pre-tokenized id tensor,
 a Hugging Face ``datasets`` dataset when online (``"wikitext2"``, ``"c4"``, or
-``"dataset:NAME[:CONFIG[:SPLIT]]"``; streamed, only as many rows as the windows need), or by
-default the calibration half of gensim's lee_background corpus (the second half; the first
+``"dataset:NAME[:CONFIG[:SPLIT]]"``; streamed, only as many rows as the windows need),
+``"wiki"`` (built in, offline: the prose of the 106 Wikipedia articles in gensim's test data,
+runtime.assets.wiki_text), or by default the calibration half of gensim's lee_background corpus (the second half; the first
 half is what perplexity figures are scored on, see runtime.assets.lee_background_split). The
 tokens of the whole text are cut into consecutive, non-overlapping windows of ``seqlen`` tokens;
 the first ``n_samples`` are used (fewer, with a warning, when the text is shorter).
@@ -24,7 +25,8 @@ Calibration = Union[None, str, os.PathLike, Sequence[str], torch.Tensor]
 # short names other GPTQ tools accept -> (datasets path, config, split)
 DATASETS = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "train"),
             "c4": ("allenai/c4", "en", "train")}
-_OTHERS = "pass a text file, the text as a list of strings, or None for the built-in text"
+BUILTIN = "wiki"                          # the offline Wikipedia sample (runtime.assets.wiki_text)
+_OTHERS = "pass a text file, the text as a list of strings, 'wiki' or None for the built-in texts"
 
 
 def dataset_of(calibration) -> tuple[str, str | None, str] | None:
@@ -52,6 +54,11 @@ def _dataset_not_file(calibration) -> tuple[str, str | None, str] | None:
     """The dataset ``calibration`` names, unless a file of that name exists (the file wins)."""
     ds = dataset_of(calibration)
     return None if ds is None or _is_file(calibration) else ds
+
+
+def _builtin_not_file(calibration) -> bool:
+    """``calibration`` names the built-in Wikipedia text (and no file of that name exists)."""
+    return isinstance(calibration, str) and calibration == BUILTIN and not _is_file(calibration)
 
 
 class _NoText(ValueError):
@@ -90,11 +97,15 @@ def dataset_text(path: str, config: str | None, split: str, max_chars: int) -> s
 
 
 def calibration_text(calibration: Calibration, max_chars: int = 4_000_000) -> str:
-    """The calibration text for ``calibration`` (None: lee_background's calibration half).
+    """The calibration text for ``calibration`` (None: lee_background's calibration half;
+    ``"wiki"``: the built-in Wikipedia sample).
     ``max_chars`` bounds only what is read from a dataset."""
     if calibration is None:
         from runtime.assets import lee_background_split
         return lee_background_split()[1]
+    if _builtin_not_file(calibration):
+        from runtime.assets import wiki_text
+        return wiki_text()
     if isinstance(calibration, (str, os.PathLike)):
         ds = _dataset_not_file(calibration)
         if ds is not None:
@@ -117,6 +128,8 @@ def calibration_text(calibration: Calibration, max_chars: int = 4_000_000) -> st
 def calibration_key(calibration: Calibration) -> str:
     """What identifies ``calibration`` without downloading anything: a dataset's name, else the
     text itself (so a checkpoint calibrated on a dataset is found again offline)."""
+    if _builtin_not_file(calibration):
+        return "builtin:" + BUILTIN
     ds = _dataset_not_file(calibration)
     return calibration_text(calibration) if ds is None else "dataset:" + ":".join(map(str, ds))
 

@@ -8,6 +8,13 @@ decide whether to keep the result), optionally on windows sampled from the float
 and rewrites the checkpoint's changed shards atomically (qcheckpoint.rewrite_tensors), the
 settings and the held-out KL before/after recorded in the manifest under ``e2e``. A checkpoint
 already tuned with the same settings is left as it is.
+
+``text`` adds windows of other text to distil on (any calibration value, e.g. ``"wiki"``, the
+built-in Wikipedia sample): the target is the float model, so any text is a valid input, and
+more varied inputs keep the fit from over-fitting the calibration windows (on SmolLM2-135M,
+1,024 Wikipedia windows beat 512 windows sampled from the model: benchmarks/RESULTS.md). They
+are spread evenly over the text (``spread_windows``) and only trained on; the held-out windows
+stay the calibration text's.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from runtime.qcheckpoint import MANIFEST, rewrite_tensors
 from .calib_data import Calibration, calibration_text
 from .e2etune import E2EResult, e2e_tune, load_quantized
 
-__all__ = ["float_model", "sampled_calibration", "sampled_windows", "split_windows", "tune_checkpoint"]
+__all__ = ["float_model", "sampled_calibration", "sampled_windows", "split_windows", "spread_windows",
+           "text_label", "tune_checkpoint"]
 
 
 def float_model(source: str, device, *, factor: float = 3, purpose: str = "e2e tuning") -> tuple[nn.Module, object]:
@@ -72,6 +80,31 @@ def split_windows(ids: Tensor, seqlen: int) -> tuple[Tensor, Tensor]:
     return w[: n - val], w[n - val:]
 
 
+def spread_windows(ids: Tensor, seqlen: int, n: int) -> Tensor:
+    """``n`` of the whole ``seqlen`` windows of the token stream ``ids``, evenly spaced over it
+    (all of them, in order, when it has ``n`` or fewer)."""
+    total = ids.numel() // seqlen
+    if total < 1:
+        raise ValueError(f"the extra e2e text has {ids.numel()} tokens, less than one window of {seqlen}")
+    w = ids[: total * seqlen].reshape(total, seqlen)
+    if n >= total:
+        return w.clone()
+    return w[torch.linspace(0, total - 1, n).round().long()].clone()
+
+
+def text_label(text: Calibration) -> str | None:
+    """A short, stable name of an extra e2e text for the manifest (not the text itself)."""
+    import hashlib
+    import os
+    if text is None:
+        return None
+    if isinstance(text, Tensor):
+        return "tokens:" + hashlib.sha256(text.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    if isinstance(text, (str, os.PathLike)):
+        return str(text)
+    return "text:" + hashlib.sha256(calibration_text(text).encode()).hexdigest()[:16]
+
+
 def sampled_windows(model: nn.Module, prompts: Tensor, n: int, seqlen: int, *, prefix: int = 8,
                     batch: int = 64, seed: int = 1, temperature: float = 1.0, top_p: float = 1.0) -> Tensor:
     """``n`` windows of ``seqlen`` tokens sampled from ``model`` (by default temperature 1, no
@@ -117,6 +150,7 @@ def sampled_calibration(source: str, prompts: Tensor, n: int, device, cache: Pat
 
 def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibration: Calibration = None,
                     lr: float = 1e-3, batch: int = 4, generate: int = 0, seqlen: int = 512,
+                    text: Calibration = None, text_windows: int = 1024,
                     norms: bool = True, device: str | None = None, progress: bool = True) -> E2EResult | None:
     """Tune the exa checkpoint ``ckpt_dir`` (quantized from ``source``) end to end (module doc).
     Returns the result, or None when the checkpoint was already tuned with these settings."""
@@ -124,8 +158,12 @@ def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibratio
 
     from transformers import AutoTokenizer
     ckpt_dir = Path(ckpt_dir)
+    if text is not None and text_windows < 1:
+        raise ValueError(f"e2e text windows must be >= 1, got {text_windows}")
     settings = {"steps": int(steps), "lr": float(lr), "batch": int(batch), "generate": int(generate),
                 "seqlen": int(seqlen), "norms": bool(norms)}
+    if text is not None:                  # only when set: earlier manifests keep their settings
+        settings.update(text=text_label(text), text_windows=int(text_windows))
     done = json.loads((ckpt_dir / MANIFEST).read_text()).get("metadata", {}).get("e2e")
     if done is not None and done.get("settings") == settings:
         return None
@@ -141,6 +179,10 @@ def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibratio
     train, val = split_windows(ids, seqlen)
     if generate:
         train = torch.cat([train, sampled_windows(model, train, generate, seqlen)])
+    if text is not None:
+        extra = (text.reshape(-1).long() if isinstance(text, Tensor)
+                 else tok(calibration_text(text), return_tensors="pt")["input_ids"][0])
+        train = torch.cat([train, spread_windows(extra, seqlen, text_windows)])
     res = e2e_tune(model, quant, spec, train, val, steps=steps, lr=lr, batch=batch, norms=norms,
                    init=other, eval_every=max(1, min(25, steps)), progress=progress)
     updates: dict[str, Tensor] = {}
