@@ -43,3 +43,18 @@ def test_wiki_names_the_built_in_text_unless_a_file_has_that_name(monkeypatch, t
     assert calib_data.calibration_key("wiki") == "a local file called wiki"
     with pytest.raises(ValueError, match="'wiki'"):
         calib_data.calibration_text(str(tmp_path / "missing.txt"))
+
+
+def test_the_built_in_wikipedia_text_is_long_clean_prose():
+    """The real asset (gensim's wheel, downloaded once like lee_background): 106 articles of
+    prose, ~2.7 MB, no markup left, nothing shared with the perplexity text."""
+    from runtime.assets import lee_background_split, wiki_text
+    text = wiki_text()
+    assert 2_000_000 < len(text) < 4_000_000
+    assert text.startswith("Anarchism is a political philosophy")
+    for junk in ("{{", "}}", "[[", "]]", "&lt;", "<ref", "'''", "http://"):
+        assert text.count(junk) < 20, junk                # a stray one in odd markup is tolerated
+    words = lee_background_split()[0].split()
+    shingles = {" ".join(words[i:i + 8]) for i in range(0, len(words) - 8)}
+    wiki_words = text.split()
+    assert not any(" ".join(wiki_words[i:i + 8]) in shingles for i in range(0, len(wiki_words) - 8, 4))
