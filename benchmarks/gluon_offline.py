@@ -1,0 +1,152 @@
+"""Compile the Gluon int4 GEMV prototype (runtime/kernels/int_gemv_gluon.py) offline for sm_90 and
+report what its compiled code does with shared memory: no GPU (and no torch) needed.
+
+    /tmp/t36/bin/python benchmarks/gluon_offline.py [--torch-site DIR] [--dump DIR]
+
+(/tmp/t36: a venv with triton 3.6, the device's version.) For each config: ``shared`` bytes
+(metadata), registers and SHARED from ``cuobjdump --dump-resource-usage``, PTX counts of
+st.shared / ld.shared / ldmatrix / mma / global loads, SASS opcode counts (STS, LDS, LDSM, HMMA,
+LDG, PRMT) from the bundled ``nvdisasm``, and TTGIR counts of local_alloc / convert_layout.
+With ``--torch-site`` (a site-packages holding torch, appended after triton 3.6 on sys.path)
+the existing ``_int_gemv_kernel`` of int_gemv.py is compiled the same way for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+DIV16 = [["tt.divisibility", 16]]
+ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "M", "N", "K", "G", "stride_xm",
+        "stride_om", "stride_qw"]
+ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "K", "stride_xm", "stride_om",
+           "stride_qw")                        # what the JIT specializes at a real launch
+
+
+def _sig(dt: str, consts: dict) -> tuple[dict, dict]:
+    types = ["*" + dt, "*i32", "*fp16", "*u8", "*" + dt] + ["i32"] * 7
+    sig = dict(zip(ARGS, types))
+    sig.update({k: "constexpr" for k in consts})
+    attrs = {(ARGS.index(a),): DIV16 for a in ALIGNED}
+    return sig, attrs
+
+
+def sass_counts(cubin: bytes) -> tuple[dict, str]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", path],
+                             capture_output=True, text=True).stdout
+        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", path], capture_output=True,
+                              text=True).stdout
+    finally:
+        os.unlink(path)
+    ops = Counter(m.group(1).split(".")[0] for m in
+                  re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
+    out = {k: ops.get(k, 0) for k in ("STS", "LDS", "LDSM", "HMMA", "LDG", "PRMT", "HADD2", "LOP3")}
+    reg = re.search(r"REG:(\d+)", res)
+    shm = re.search(r"SHARED:(\d+)", res)
+    out["REG"] = int(reg.group(1)) if reg else None
+    out["SHARED"] = int(shm.group(1)) if shm else None
+    return out, sass
+
+
+def report(name: str, c, dump: Path | None) -> dict:
+    ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
+    row = {"shared": c.metadata.shared,
+           "st.shared": len(re.findall(r"\bst\.shared", ptx)),
+           "ld.shared": len(re.findall(r"\bld\.shared", ptx)),
+           "ldmatrix": len(re.findall(r"\bldmatrix", ptx)),
+           "mma": len(re.findall(r"\bmma\.sync", ptx)),
+           "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+           "ld.global.v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+           "ld.global": len(re.findall(r"\bld\.global", ptx)),
+           "local_alloc": ttgir.count("ttg.local_alloc"),
+           "convert_layout": ttgir.count("ttg.convert_layout")}
+    if "cubin" in c.asm:
+        sc, sass = sass_counts(c.asm["cubin"])
+        row.update(sc)
+    else:
+        sass = ""
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        for ext, text in (("ttgir", ttgir), ("ptx", ptx), ("sass", sass)):
+            (dump / f"{name}.{ext}").write_text(text)
+    return row
+
+
+def compile_gluon(bn, bk, nw, dt, xp, bm=16, sk=1):
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from runtime.kernels import int_gemv_gluon as G
+    consts = {"GROUP": 128, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk,
+              "X_PAIRED": xp}
+    sig, attrs = _sig(dt, consts)
+    src = GluonASTSource(G._int4_gemv_gluon, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": nw})
+
+
+def compile_existing(bn, bk, nw, dt, bm=16):
+    from runtime.kernels import int_gemv as E
+    consts = {"BITS": 4, "GROUP": 128, "MODE": 1, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm,
+              "SPLIT_K": 1, "PERM": True, "INTERP": False}
+    sig, attrs = _sig(dt, consts)
+    src = ASTSource(E._int_gemv_kernel, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": nw, "num_stages": 1})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--torch-site", help="site-packages with torch (for the existing kernel)")
+    ap.add_argument("--dump", type=Path, help="write ttgir/ptx/sass per config here")
+    args = ap.parse_args()
+    print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
+    cols = ["shared", "SHARED", "REG", "st.shared", "ld.shared", "ldmatrix", "STS", "LDS", "LDSM",
+            "local_alloc", "convert_layout", "mma", "wgmma", "HMMA", "ld.global.v4", "ld.global", "LDG",
+            "PRMT", "HADD2", "LOP3"]
+    print("kernel".ljust(34) + " ".join(c.rjust(len(c)) for c in cols))
+    rows, ok = [], True
+    cfgs = [(bn, bk, 4, "bf16", xp, 16) for bn in (64, 128) for bk in (128, 256) for xp in (False, True)]
+    cfgs += [(64, 256, 4, "fp16", False, 16), (64, 256, 4, "bf16", False, 8), (128, 256, 8, "bf16", False, 16)]
+    for bn, bk, nw, dt, xp, bm in cfgs:
+        name = f"gluon_bn{bn}_bk{bk}_w{nw}_{dt}_bm{bm}" + ("_xp" if xp else "")
+        try:
+            row = report(name, compile_gluon(bn, bk, nw, dt, xp, bm), args.dump)
+        except Exception as e:                       # report and go on
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:800]}")
+            ok = False
+            continue
+        rows.append((name, row))
+        print(name.ljust(34) + " ".join(str(row.get(c, "-")).rjust(len(c)) for c in cols))
+        weights_smem_free = row["shared"] == 0 and row["st.shared"] == 0 and row.get("STS", 0) == 0
+        ok &= weights_smem_free
+    if args.torch_site:
+        sys.path.append(args.torch_site)
+        for bn, bk in ((64, 128), (64, 256)):
+            name = f"existing_bn{bn}_bk{bk}_w4_bf16"
+            try:
+                row = report(name, compile_existing(bn, bk, 4, "bf16"), args.dump)
+                print(name.ljust(34) + " ".join(str(row.get(c, "-")).rjust(len(c)) for c in cols))
+            except Exception as e:
+                print(f"{name}: FAILED {type(e).__name__}: {str(e)[:400]}")
+    print("PASS: every gluon config compiled with no shared memory at all" if ok else
+          "FAIL: see above")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Gluon prototype of the decode GEMV for 4-bit ``int`` weights with uint8 zeros (M <= 16):
+the dequantized weight tile is built directly in the tensor-core A-operand registers, so the
+weights never touch shared memory (``int_gemv.py`` lets Triton convert the tile from a blocked
+layout through shared memory, with heavy store bank conflicts).
+
+``out.T [N, BM] = W [N, K] @ x.T [K, BM]`` with W as the A operand of ``mma_v2``
+(m16n8k16), ``DotOperandLayout(0, mma, k_width=8)``. Its linear layout over (n, k) for a
+``[BN, 128]`` tile is (triton 3.6, ``to_linear_layout``)::
+
+    reg  k1 k2 k4 | n8 k32 k64 (n64..)   lane  k8 k16 n1 n2 n4    warp  n16 n32 ..
+
+so every thread holds 8 consecutive K, i.e. exactly one int32 word of 8 packed codes, but the
+four words of a row that a thread holds are 4 apart (k8/k16 are lanes, k32/k64 registers).
+The dot is invariant under a permutation of K applied to both operands, so the kernel uses a
+"logical" K order in which a thread's words are contiguous in memory: physical word
+``p = 4a + b`` of a 128-wide sub-tile is logical word ``w = 4b + a``. The words are loaded as
+``[BN, 16]`` in layout ``_word_layout`` (reg p1 p2: one 16-byte load per thread and 16 rows),
+unpacked in registers (shift, lop3 with the float exponent, packed bf16x2/f16x2 subtract of the
+zero point: ``(q - z) / 16`` exactly) into 8 tensors that ``join`` stacks along new register
+axes, and ``reshape/permute`` turns ``[BN, 4(a), 4(b), 8]`` into ``[BN, 128]`` in logical
+order: that linear layout is the A-operand layout, so the final ``convert_layout`` moves no data.
+Inside a word the order is ``i = 4 jh + 2 jl + h`` for code ``j + 4h`` (j = 2 jh + jl): the
+pair (codes j, j + 4) that one lop3 extracts is the low/high half of one mma register.
+
+x.T goes in as the B operand (k_width 8) loaded straight from global memory, 16 bytes per load,
+in layout ``_x_layout`` over ``[16 (p), BM, 8 (code)]``, and is permuted the same way (no shared
+memory either; with X_PAIRED the launcher first copies x into pair order, saving the PRMTs
+that otherwise pack codes j, j + 4 of x into one register). The
+per-group scale (fp16 -> fp32, times 16) is applied to each sub-tile's mma result in float32;
+one sub-tile = 128 K = one quantization group, so GROUP must be a multiple of 128.
+Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (float32 partials, summed in order).
+"""
+from __future__ import annotations
+
+try:                                                   # gluon: triton >= 3.5 (written for 3.6)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAVE_GLUON = True
+except Exception:                                      # pragma: no cover - depends on triton
+    gluon = gl = mma_v2 = None
+    HAVE_GLUON = False
+
+_cfn = gluon.constexpr_function if HAVE_GLUON else (lambda f: f)   # host-callable either way
+SUBK = gl.constexpr(128) if HAVE_GLUON else 128                                           # K per mma sub-tile (= 16 words / row)
+
+
+@_cfn
+def _warp_bases(nw: int, n_axis: bool, rank: int):
+    out = []
+    for i in range(nw.bit_length() - 1):
+        b = [0] * rank
+        if n_axis:
+            b[0] = 16 << i
+        out.append(b)
+    return out
+
+
+@_cfn
+def word_layout_bases(BN: int, NW: int):
+    """(reg, lane, warp) bases of the packed words ``[BN, 16]`` (row n, physical word p)."""
+    reg = [[0, 1], [0, 2], [8, 0]]
+    r = 16 * NW
+    while r < BN:
+        reg.append([r, 0])
+        r *= 2
+    lane = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
+    return reg, lane, _warp_bases(NW, True, 2)
+
+
+@_cfn
+def x_layout_bases(BM: int, NW: int):
+    """(reg, lane, warp) bases of the x tile ``[16 (p), BM, 8 (code)]`` (warps replicate it)."""
+    reg = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [1, 0, 0], [2, 0, 0]]
+    if BM == 16:
+        reg.append([0, 8, 0])
+    lane = [[4, 0, 0], [8, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    return reg, lane, _warp_bases(NW, False, 3)
+
+
+@_cfn
+def _asm(bf16: bool) -> str:
+    """``(lo, hi) = halves of ((v & MASK) | ONE) - Z2``: codes at bits 3..6 (bf16) / 6..9 (fp16)
+    of each half under the exponent of 1.0 give ``1 + q/16``; minus ``1 + z/16`` is exact."""
+    p = 3 if bf16 else 6
+    mask, one = (0xF << p) * 0x10001, (0x3F80 if bf16 else 0x3C00) * 0x10001
+    sub = "sub.rn.bf16x2" if bf16 else "sub.rn.f16x2"
+    return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; {sub} t, t, $3; "
+            f"mov.b32 {{$0, $1}}, t; }}")
+
+
+if HAVE_GLUON:
+    @_cfn
+    def _word_layout(BN, NW):
+        reg, lane, warp = word_layout_bases(BN, NW)
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, 16])
+
+    @_cfn
+    def _x_layout(BM, NW):
+        reg, lane, warp = x_layout_bases(BM, NW)
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [16, BM, 8])
+
+    @_cfn
+    def _mma_layout(NW, BM):
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+
+    @gluon.jit
+    def _pair(w, SH: gl.constexpr, Z2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
+        """Codes SH/4 and SH/4 + 4 of every word as two DT tensors ``(q - z) / 16``."""
+        if SH > P:
+            v = w >> (SH - P)
+        elif SH < P:
+            v = w << (P - SH)
+        else:
+            v = w
+        if DT == gl.bfloat16:
+            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
+                                             dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _int4_gemv_gluon(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
+                         stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                         BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
+                         X_PAIRED: gl.constexpr):
+        NW: gl.constexpr = gl.num_warps()
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        BF16: gl.constexpr = DT == gl.bfloat16
+        P: gl.constexpr = 3 if BF16 else 6
+        ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
+        ASM: gl.constexpr = _asm(BF16)
+        NSUB: gl.constexpr = BLOCK_K // 128
+        LW: gl.constexpr = _word_layout(BLOCK_N, NW)
+        LX: gl.constexpr = _x_layout(BLOCK_M, NW)
+        MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
+        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        LX1: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LX))
+        LX2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LX))
+        LX3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LX))
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        nkb = K // (BLOCK_K * SPLIT_K)                  # K blocks per split (loop over block
+        kb_lo = pid_k * nkb                             # indices: ks stays a multiple of 128)
+        # weights: rows (clamped: loads stay in bounds) x physical words
+        rows_w = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW))) % N
+        offs_p = gl.arange(0, 16, layout=gl.SliceLayout(0, LW))
+        w_base = qw_ptr + gl.expand_dims(rows_w * stride_qw, 1) + gl.expand_dims(offs_p, 0)
+        # x: physical word p, row m, code c
+        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=LX1), 1), 2)
+        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=LX2), 0), 2)
+        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=LX3), 0), 1)
+        x_base = x_ptr + xm * stride_xm + xp * 8 + xc
+        x_mask = (xm < M) & (xp >= 0) & (xc >= 0)
+        # scales: rows in the accumulator's layout
+        offs_nc = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        rows_c = offs_nc % N
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for kb in range(kb_lo, kb_lo + nkb):
+            for sub in gl.static_range(NSUB):
+                ks = kb * BLOCK_K + sub * SUBK
+                gi = ks // GROUP
+                w = gl.load(w_base + ks // 8)                                  # [BN, 16] int32
+                z = gl.load(z_ptr + rows_w * G + gi).to(gl.int32)
+                Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)             # 1 + z/16, twice
+                l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
+                l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
+                l2, h2 = _pair(w, 8, Z2, P, DT, ASM)
+                l3, h3 = _pair(w, 12, Z2, P, DT, ASM)
+                t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
+                            gl.join(gl.join(h0, h2), gl.join(h1, h3)))         # [BN,16,jh,jl,h]
+                t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
+                a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)     # no data moves
+                xv = gl.load(x_base + ks, mask=x_mask, other=0.0)              # [16, BM, 8]
+                if X_PAIRED:                     # x stored in pair order: no repacking
+                    xv = gl.permute(gl.reshape(xv, [4, 4, BLOCK_M, 8]), (1, 0, 3, 2))
+                else:                            # natural order: one PRMT per mma register
+                    xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])              # a b m h jh jl
+                    xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                    # b a jh jl h m
+                b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
+                part = mma_v2(a, b, zero)
+                s = gl.load(s_ptr + rows_c * G + gi).to(gl.float32) * 16.0
+                acc = acc + part * gl.expand_dims(s, 1)
+        offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
+                  + gl.expand_dims(offs_nc, 1))
+        o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
+        gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False):
+    """xp (X_PAIRED): x is first copied into pair order (one small torch op per call), which
+    saves the kernel one PRMT per x register; else x is read as is."""
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk, "num_warps": nw,
+            "X_PAIRED": xp}
+
+
+CONFIGS = [cfg(64, 256), cfg(64, 128), cfg(128, 128), cfg(128, 256), cfg(64, 256, sk=2),
+           cfg(64, 256, sk=4), cfg(128, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, xp=True),
+           cfg(64, 256, sk=4, bm=8)]
+
+
+def pair_order(x):
+    """x [M, K] -> copy with each 8-wide K chunk in order 0 4 1 5 2 6 3 7 (for X_PAIRED)."""
+    M, K = x.shape
+    return x.view(M, K // 8, 2, 4).transpose(-1, -2).contiguous().view(M, K)
+
+
+def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
+    """What this prototype handles: 4-bit, uint8 zeros, GROUP a multiple of 128 dividing K."""
+    g = K if spec.group_size == -1 else spec.group_size
+    bn, bk, sk, nw = c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"], c["num_warps"]
+    return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
+            and g % SUBK == 0 and K % g == 0 and bk % SUBK == 0 and K % (bk * sk) == 0
+            and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
+            and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"])
+
+
+def launch(x, t, spec, N, K, c, out=None):
+    """Run one config: x [M, K] (bf16/fp16, contiguous rows) -> out [M, N] in x.dtype."""
+    import torch
+    import triton
+    from runtime.kernels.common import check_int_inputs, group_of
+    from runtime.kernels.splitk import partials, sum_partials
+    assert HAVE_GLUON, "triton.experimental.gluon is not available"
+    check_int_inputs(x, t, spec, N, K)
+    M = x.shape[0]
+    assert x.dtype in (torch.bfloat16, torch.float16), "the gluon prototype takes bf16/fp16 x"
+    assert valid(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
+    g = group_of(spec, K)
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    sk = c["SPLIT_K"]
+    dst = partials(out, sk)
+    grid = (triton.cdiv(N, c["BLOCK_N"]), sk)
+    xk = pair_order(x) if c.get("X_PAIRED") else x
+    _int4_gemv_gluon[grid](xk, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst,
+                           M, N, K, K // g, xk.stride(0), dst.stride(-2), K // 8, GROUP=g,
+                           BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
+                           SPLIT_K=sk, X_PAIRED=bool(c.get("X_PAIRED")),
+                           num_warps=c["num_warps"])
+    if dst is not out:
+        sum_partials(dst, out)
+    return out

@@ -1,0 +1,73 @@
+"""The Gluon int4 GEMV prototype (runtime/kernels/int_gemv_gluon.py) against the plain-torch
+reference: ``x @ dequantize(t).T`` in float32. GPU only (marker ``cuda``; conftest skips it
+elsewhere). Run: ``python3 -m pytest -q -m cuda tests/test_gemv_gluon.py``; timing:
+benchmarks/gluon_gemv.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.kernels import int_gemv_gluon as G
+from runtime.quant import intq
+from runtime.quant.spec import QuantSpec
+
+SPEC = QuantSpec("int", 4, 128, zero_mode="int")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not G.HAVE_GLUON, reason="triton.experimental.gluon missing")]
+
+
+def _inputs(N, K, M, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(N, K, device="cuda", generator=g) * 0.05
+    t = intq.quantize(w, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T           # float32 [M, N]
+    return x, t, ref
+
+
+def _check(y, ref, dtype, M, N):
+    assert y.shape == (M, N) and y.dtype == dtype
+    y = y.float()
+    assert bool(torch.isfinite(y).all())
+    rel = float((y - ref).norm() / ref.norm())
+    # (q - z)/16 and the products are exact; float32 sums, then one rounding to x's dtype
+    assert rel < (8e-3 if dtype == torch.bfloat16 else 2e-3), rel
+    tol = (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10) * ref.abs().max() + 1e-3
+    assert float((y - ref).abs().max()) <= 4 * float(tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("N,K", [(256, 512), (4096, 4096), (256, 4096), (4096, 512)])
+def test_default_configs(N, K, M, dtype):
+    x, t, ref = _inputs(N, K, M, dtype)
+    for c in (G.cfg(64, 128), G.cfg(64, 256), G.cfg(128, 128)):
+        if G.valid(c, M, N, K, SPEC):
+            _check(G.launch(x, t, SPEC, N, K, c), ref, dtype, M, N)
+
+
+@pytest.mark.parametrize("c", G.CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_all_configs(c):
+    N, K = 4096, 4096
+    for M in (1, 5, 8, 16):
+        x, t, ref = _inputs(N, K, M, torch.bfloat16, seed=M)
+        if G.valid(c, M, N, K, SPEC):
+            _check(G.launch(x, t, SPEC, N, K, c), ref, torch.bfloat16, M, N)
+
+
+def test_ragged_n_and_strided_out():
+    """N not a multiple of BLOCK_N (rows are clamped on load, masked on store)."""
+    N, K, M = 300, 1024, 7
+    x, t, ref = _inputs(N, K, M, torch.bfloat16, seed=3)
+    _check(G.launch(x, t, SPEC, N, K, G.cfg(64, 256)), ref, torch.bfloat16, M, N)
+
+
+def test_matches_existing_kernel():
+    from runtime.kernels.int_gemv import int_gemv
+    N, K, M = 4096, 4096, 16
+    x, t, ref = _inputs(N, K, M, torch.bfloat16, seed=7)
+    y0 = int_gemv(x, t, SPEC, N, K).float()
+    y1 = G.launch(x, t, SPEC, N, K, G.cfg(64, 256, sk=4)).float()
+    assert float((y1 - ref).norm()) <= 1.5 * float((y0 - ref).norm()) + 1e-3
+
