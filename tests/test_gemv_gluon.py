@@ -13,8 +13,7 @@ from runtime.quant import intq
 from runtime.quant.spec import QuantSpec
 
 SPEC = QuantSpec("int", 4, 128, zero_mode="int")
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not G.HAVE_GLUON, reason="triton.experimental.gluon missing")]
+gpu = pytest.mark.skipif(not G.HAVE_GLUON, reason="triton.experimental.gluon missing")
 
 
 def _inputs(N, K, M, dtype, seed=0):
@@ -37,6 +36,8 @@ def _check(y, ref, dtype, M, N):
     assert float((y - ref).abs().max()) <= 4 * float(tol)
 
 
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 8, 16])
 @pytest.mark.parametrize("N,K", [(256, 512), (4096, 4096), (256, 4096), (4096, 512)])
@@ -47,6 +48,8 @@ def test_default_configs(N, K, M, dtype):
             _check(G.launch(x, t, SPEC, N, K, c), ref, dtype, M, N)
 
 
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("c", G.CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_all_configs(c):
     N, K = 4096, 4096
@@ -56,6 +59,8 @@ def test_all_configs(c):
             _check(G.launch(x, t, SPEC, N, K, c), ref, torch.bfloat16, M, N)
 
 
+@pytest.mark.cuda
+@gpu
 def test_ragged_n_and_strided_out():
     """N not a multiple of BLOCK_N (rows are clamped on load, masked on store)."""
     N, K, M = 300, 1024, 7
@@ -63,6 +68,8 @@ def test_ragged_n_and_strided_out():
     _check(G.launch(x, t, SPEC, N, K, G.cfg(64, 256)), ref, torch.bfloat16, M, N)
 
 
+@pytest.mark.cuda
+@gpu
 def test_matches_existing_kernel():
     from runtime.kernels.int_gemv import int_gemv
     N, K, M = 4096, 4096, 16
@@ -71,3 +78,29 @@ def test_matches_existing_kernel():
     y1 = G.launch(x, t, SPEC, N, K, G.cfg(64, 256, sk=4)).float()
     assert float((y1 - ref).norm()) <= 1.5 * float((y0 - ref).norm()) + 1e-3
 
+
+
+def test_offered_to_the_tuner_only_when_asked(monkeypatch):
+    """EXA_GEMV_GLUON=1 adds the prototype's configs for 4-bit bf16/fp16 only; they are never
+    valid without the spec or under the interpreter, and are checked against a tensor-core
+    config before the tuner may keep one (int_gemv._agrees_with_tc)."""
+    from runtime.kernels import int_gemv as I
+    monkeypatch.delenv("EXA_GEMV_GLUON", raising=False)
+    assert not any(c.get("GLUON") for c in I.candidates(16, 4))
+    monkeypatch.setenv("EXA_GEMV_GLUON", "1")
+    got = [c for c in I.candidates(16, 4) if c.get("GLUON")]
+    assert len(got) == (len(G.CONFIGS) if G.HAVE_GLUON else 0)
+    assert not any(c.get("GLUON") for c in I.candidates(16, 8) + I.candidates(16, 4, torch.float32))
+    for c in got:
+        assert not I._valid(c, 16, 4096, 4096, 4, 128)                     # no spec: never
+        assert I._valid(c, 16, 4096, 4096, 4, 128, SPEC) == (G.valid(c, 16, 4096, 4096, SPEC)
+                                                             and not I.interpreting())
+
+
+@pytest.mark.cuda
+@gpu
+def test_int_gemv_launches_a_gluon_config(monkeypatch):
+    from runtime.kernels import int_gemv as I
+    x, t, ref = _inputs(4096, 4096, 8, torch.bfloat16, seed=5)
+    c = {**G.cfg(64, 256, sk=2), "GLUON": True}
+    _check(I.launch(x, t, SPEC, 4096, 4096, c), ref, torch.bfloat16, 8, 4096)

@@ -10,10 +10,13 @@ SPLIT_K > 1 writes float32 partial sums, summed afterwards in a fixed order (det
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from runtime.kernels import int_gemv_gluon as gluon_gemv
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_planes import planes_candidates, planes_launch, planes_on, planes_valid
@@ -70,10 +73,21 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
         + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2) \
-        + (planes_candidates(bits) if M >= 2 and planes_on() else [])
+        + (planes_candidates(bits) if M >= 2 and planes_on() else []) \
+        + ([{**c, "GLUON": True} for c in gluon_gemv.CONFIGS]
+           if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else [])
 
 
-def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
+def gluon_on() -> bool:
+    """Whether the tuner is offered the Gluon prototype (int_gemv_gluon.py): only with
+    ``EXA_GEMV_GLUON=1`` where Triton has Gluon (not yet measured on a GPU; each such config is
+    also checked against a tensor-core config's output before the tuner may keep it)."""
+    return os.environ.get("EXA_GEMV_GLUON", "0") == "1" and gluon_gemv.HAVE_GLUON
+
+
+def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int, spec: QuantSpec | None = None) -> bool:
+    if cfg.get("GLUON"):
+        return spec is not None and not interpreting() and gluon_gemv.valid(cfg, M, N, K, spec)
     if cfg.get("SIMT"):
         return simt_valid(cfg, M, K, bits, group)
     if cfg.get("PLANES"):
@@ -87,6 +101,8 @@ def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int) -> bool:
 
 def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
+    if cfg.get("GLUON"):
+        return gluon_gemv.launch(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     g = group_of(spec, K)
     mode = mode_of(spec)
@@ -115,16 +131,16 @@ def launch(x, t, spec, N, K, cfg, out=None):
 
 
 def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
-    """``check`` for the tuner: a PLANES config (not yet measured on every GPU) is used only if
+    """``check`` for the tuner: a PLANES or GLUON config (not measured on every GPU) is used only if
     its output matches the first valid tensor-core config's on these inputs (relative difference
     below 3e-2: bf16 rounding of two correct sums is ~5e-3). Other configs pass."""
     state: dict = {}
 
     def check(c: dict) -> bool:
-        if not c.get("PLANES"):
+        if not (c.get("PLANES") or c.get("GLUON")):
             return True
         if "ref" not in state:
-            base = next((b for b in cands if not b.get("PLANES") and not b.get("SIMT")
+            base = next((b for b in cands if not b.get("PLANES") and not b.get("SIMT") and not b.get("GLUON")
                          and _valid(b, mb, N, K, spec.bits, g)), None)
             state["ref"] = None if base is None else launch(x, t, spec, N, K, base, out).float().clone()
         ref = state["ref"]
@@ -144,7 +160,7 @@ def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
     cands = candidates(mb, spec.bits, x.dtype)
-    cfg = TUNER.pick(key, cands, lambda c: _valid(c, mb, N, K, spec.bits, g),
+    cfg = TUNER.pick(key, cands, lambda c: _valid(c, mb, N, K, spec.bits, g, spec),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda,
                      check=_agrees_with_tc(x, t, spec, N, K, g, mb, cands, out))
     return launch(x, t, spec, N, K, cfg, out)

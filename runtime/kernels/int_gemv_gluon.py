@@ -42,7 +42,8 @@ except Exception:                                      # pragma: no cover - depe
     HAVE_GLUON = False
 
 _cfn = gluon.constexpr_function if HAVE_GLUON else (lambda f: f)   # host-callable either way
-SUBK = gl.constexpr(128) if HAVE_GLUON else 128                                           # K per mma sub-tile (= 16 words / row)
+SUBK_K = 128                                           # K per mma sub-tile (= 16 words / row)
+SUBK = gl.constexpr(SUBK_K) if HAVE_GLUON else SUBK_K  # the same, for kernels
 
 
 @_cfn
@@ -215,7 +216,7 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
     g = K if spec.group_size == -1 else spec.group_size
     bn, bk, sk, nw = c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"], c["num_warps"]
     return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
-            and g % SUBK == 0 and K % g == 0 and bk % SUBK == 0 and K % (bk * sk) == 0
+            and g % SUBK_K == 0 and K % g == 0 and bk % SUBK_K == 0 and K % (bk * sk) == 0
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"])
 
