@@ -2,7 +2,7 @@
 # The Gluon GEMV prototype (runtime/kernels/int_gemv_gluon.py) on a GPU machine, in one go: its
 # CUDA tests, a first timing per config, then benchmarks/kernels.py at M = 1..16 on the Llama
 # shapes without and with it offered to the tuner (EXA_GEMV_GLUON=1; fresh tuning caches, same
-# run), and the shared-memory counters of one launch under ncu; into OUTDIR.
+# run); into OUTDIR.
 #   bash benchmarks/device_gluon.sh OUTDIR          (carry .whl: pytest and its wheels)
 set -u
 OUT=${1:?usage: device_gluon.sh OUTDIR}
