@@ -80,8 +80,11 @@ class GPTQInference:
         from runtime.quant.calib_data import calibration_key
         ckpt = open_checkpoint(self.model_id)
         text = "" if self.dataset is None else calibration_key(self.dataset)
+        settings = dict(self.settings)
+        if settings.get("e2e_text") is not None:        # by content, like the dataset (a file may change)
+            settings["e2e_text"] = hashlib.sha256(calibration_key(settings["e2e_text"]).encode()).hexdigest()
         key = json.dumps({"model": str(Path(self.model_id).expanduser().resolve()) if Path(self.model_id).exists()
-                          else self.model_id, "fingerprint": ckpt.fingerprint(), **self.settings,
+                          else self.model_id, "fingerprint": ckpt.fingerprint(), **settings,
                           "dataset": hashlib.sha256(text.encode()).hexdigest()}, sort_keys=True)
         ckpt.close()
         root = self._cache_root or cache_dir() / "gptq"

@@ -188,6 +188,11 @@ def test_gptqinference_finishes_an_interrupted_e2e_stage(tmp_path):
     other = exa.GPTQInference(str(src), e2e=20, e2e_text="wiki", e2e_windows=7, e2e_lr=5e-4, **kw)
     assert other.checkpoint_dir != out                        # the extra e2e options are part of the key
     assert other._e2e_extra() == dict(text="wiki", text_windows=7, lr=5e-4, batch=4)
+    extra = tmp_path / "extra.txt"
+    extra.write_text("one text")
+    first = exa.GPTQInference(str(src), e2e=20, e2e_text=str(extra), **kw).checkpoint_dir
+    extra.write_text("another text")                           # keyed by content, not by path
+    assert exa.GPTQInference(str(src), e2e=20, e2e_text=str(extra), **kw).checkpoint_dir != first
     assert eng._e2e_extra() == dict(text=None, text_windows=1024, lr=1e-3, batch=4)
 
 
