@@ -47,9 +47,7 @@ def main(args) -> dict:
         train = torch.cat([train, ww[: args.wiki]])
         val = torch.cat([val, ww[args.wiki:]])
     if args.lee_cor != "none":                           # the Lee corpus' 50 other documents
-        lids = tok(lee_documents(), return_tensors="pt")["input_ids"][0]
-        nl = lids.numel() // args.seqlen
-        lw = lids[: nl * args.seqlen].reshape(nl, args.seqlen)
+        lw = spread_windows(tok(lee_documents(), return_tensors="pt")["input_ids"][0], args.seqlen, sys.maxsize)
         if args.lee_cor == "train":
             train = torch.cat([train, lw])
         else:

@@ -28,7 +28,7 @@ from runtime.executor import bind
 from runtime.loader import assign_layouts, build_skeleton, define_blocks, move_buffers, pack_block, resolve_sources
 from runtime.qcheckpoint import MANIFEST, rewrite_tensors
 
-from .calib_data import Calibration, calibration_text
+from .calib_data import Calibration, calibration_text, ids_digest
 from .e2etune import E2EResult, e2e_tune, load_quantized
 
 __all__ = ["float_model", "sampled_calibration", "sampled_windows", "split_windows", "spread_windows",
@@ -99,7 +99,7 @@ def text_label(text: Calibration) -> str | None:
     if text is None:
         return None
     if isinstance(text, Tensor):
-        return "tokens:" + hashlib.sha256(text.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+        return "tokens:" + ids_digest(text)
     if isinstance(text, (str, os.PathLike)):
         return str(text)
     return "text:" + hashlib.sha256(calibration_text(text).encode()).hexdigest()[:16]
@@ -174,15 +174,14 @@ def tune_checkpoint(ckpt_dir: str | Path, source: str, *, steps: int, calibratio
     spec, quant, other = load_quantized(ckpt_dir)
     model, ckpt = float_model(source, dev)
     tok = AutoTokenizer.from_pretrained(**ckpt.tokenizer_kwargs)
-    ids = (calibration.reshape(-1).long() if isinstance(calibration, Tensor)       # pre-tokenized
-           else tok(calibration_text(calibration), return_tensors="pt")["input_ids"][0])
-    train, val = split_windows(ids, seqlen)
+    def token_stream(c: Calibration) -> Tensor:
+        return (c.reshape(-1).long() if isinstance(c, Tensor)                       # pre-tokenized
+                else tok(calibration_text(c), return_tensors="pt")["input_ids"][0])
+    train, val = split_windows(token_stream(calibration), seqlen)
     if generate:
         train = torch.cat([train, sampled_windows(model, train, generate, seqlen)])
     if text is not None:
-        extra = (text.reshape(-1).long() if isinstance(text, Tensor)
-                 else tok(calibration_text(text), return_tensors="pt")["input_ids"][0])
-        train = torch.cat([train, spread_windows(extra, seqlen, text_windows)])
+        train = torch.cat([train, spread_windows(token_stream(text), seqlen, text_windows)])
     res = e2e_tune(model, quant, spec, train, val, steps=steps, lr=lr, batch=batch, norms=norms,
                    init=other, eval_every=max(1, min(25, steps)), progress=progress)
     updates: dict[str, Tensor] = {}
