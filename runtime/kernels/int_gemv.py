@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from runtime.kernels import int_gemv_gluon as gluon_gemv
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
 from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_planes import planes_candidates, planes_launch, planes_on, planes_valid
@@ -74,20 +73,26 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
         + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2) \
         + (planes_candidates(bits) if M >= 2 and planes_on() else []) \
-        + ([{**c, "GLUON": True} for c in gluon_gemv.CONFIGS]
+        + ([{**c, "GLUON": True} for c in _gluon().CONFIGS]
            if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else [])
+
+
+def _gluon():
+    """The Gluon prototype's module, imported only when asked for (it costs start-up time)."""
+    from runtime.kernels import int_gemv_gluon
+    return int_gemv_gluon
 
 
 def gluon_on() -> bool:
     """Whether the tuner is offered the Gluon prototype (int_gemv_gluon.py): only with
     ``EXA_GEMV_GLUON=1`` where Triton has Gluon (not yet measured on a GPU; each such config is
     also checked against a tensor-core config's output before the tuner may keep it)."""
-    return os.environ.get("EXA_GEMV_GLUON", "0") == "1" and gluon_gemv.HAVE_GLUON
+    return os.environ.get("EXA_GEMV_GLUON", "0") == "1" and _gluon().HAVE_GLUON
 
 
 def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int, spec: QuantSpec | None = None) -> bool:
     if cfg.get("GLUON"):
-        return spec is not None and not interpreting() and gluon_gemv.valid(cfg, M, N, K, spec)
+        return spec is not None and not interpreting() and _gluon().valid(cfg, M, N, K, spec)
     if cfg.get("SIMT"):
         return simt_valid(cfg, M, K, bits, group)
     if cfg.get("PLANES"):
@@ -102,7 +107,7 @@ def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int, spec: Quant
 def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
     if cfg.get("GLUON"):
-        return gluon_gemv.launch(x, t, spec, N, K, cfg, out)
+        return _gluon().launch(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     g = group_of(spec, K)
     mode = mode_of(spec)
