@@ -11,13 +11,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt"
-EXA_GEMV_GLUON=1 EXA_CACHE_DIR=$(mktemp -d) timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rf \
+EXA_GEMV_GLUON=1 EXA_CACHE_DIR=$(mktemp -d) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider -rf \
   --tb=short tests/test_gemv_gluon.py tests/test_kernels.py -k "gluon or gemv" > "$OUT/cuda_tests.txt" 2>&1
 tail -3 "$OUT/cuda_tests.txt"
-timeout 120 python3 benchmarks/gluon_gemv.py > "$OUT/gluon_gemv.txt" 2>&1; cat "$OUT/gluon_gemv.txt" | cut -c1-400
+timeout 100 python3 benchmarks/gluon_gemv.py > "$OUT/gluon_gemv.txt" 2>&1; cat "$OUT/gluon_gemv.txt" | cut -c1-400
 SHAPES=28672x8192,8192x28672,8192x8192,4096x4096
 for on in 0 1; do
-  EXA_GEMV_GLUON=$on EXA_CACHE_DIR=$(mktemp -d) timeout 200 python3 benchmarks/kernels.py --no-bnb --m 1,4,8,16 \
+  EXA_GEMV_GLUON=$on EXA_CACHE_DIR=$(mktemp -d) timeout 160 python3 benchmarks/kernels.py --no-bnb --m 1,4,8,16 \
     --shapes $SHAPES --out "$OUT/kernels-gluon$on.json" > "$OUT/kernels-gluon$on.txt" 2>&1
   tail -18 "$OUT/kernels-gluon$on.txt"
 done

@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--shape", default="28672x8192")
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--simt", action="store_true")
+    ap.add_argument("--gluon", type=int, metavar="I",
+                    help="profile config I of int_gemv_gluon.CONFIGS instead (kernel _int4_gemv_gluon)")
     ap.add_argument("--launches", type=int, default=5)
     args = ap.parse_args()
     N, K = map(int, args.shape.split("x"))
@@ -36,8 +38,12 @@ def main() -> int:
     t = R.random_quantized(spec, N, K, device="cuda", generator=g)
     x = torch.randn(args.m, K, device="cuda", generator=g).to(torch.bfloat16)
     cands = int_gemv.candidates(m_bucket(args.m), 4)
+    if args.gluon is not None:
+        from runtime.kernels import int_gemv_gluon as G
+        cands = [{**G.CONFIGS[args.gluon], "GLUON": True}]
+        args.simt = False
     cfg = next(c for c in cands if bool(c.get("SIMT")) == args.simt and not c.get("PLANES")
-               and int_gemv._valid(c, m_bucket(args.m), N, K, 4, 128))
+               and int_gemv._valid(c, m_bucket(args.m), N, K, 4, 128, spec))
     int_gemv.TUNER.override, int_gemv.TUNER.cache = [cfg], {}
     for _ in range(args.launches):
         y = int_gemv.int_gemv(x, t, spec, N, K)

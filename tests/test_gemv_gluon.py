@@ -73,6 +73,35 @@ def test_ragged_n_and_strided_out():
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("pf,st,bk,xs", [(1, 0, 128, 0), (2, 0, 128, 0), (0, 4, 128, 0), (0, 8, 128, 0),
+                                         (0, 4, 256, 0), (0, 4, 128, 1), (0, 4, 256, 1)])
+@pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (4096, 1024, 4), (256, 8192, 2)])
+def test_prefetch_edges(N, K, sk, pf, st, bk, xs):
+    """PF loops and the cp.async ring (x in it too with XS): fewer sub-tiles per split than the
+    prefetch distance or ring slots (the prefetch wraps), ragged N, fp16, x paired (not XS)."""
+    c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xs))
+    if not G.valid(c, 7, N, K, SPEC):
+        assert bk * sk > K
+        return
+    for dtype, xp in ((torch.bfloat16, False), (torch.float16, not xs)):
+        x, t, ref = _inputs(N, K, 7, dtype, seed=K + pf + st)
+        _check(G.launch(x, t, SPEC, N, K, {**c, "X_PAIRED": xp}), ref, dtype, 7, N)
+
+
+def test_ring_needs_two_steps_of_slots():
+    """A ring of ST slots read NSUB = BLOCK_K/128 sub-tiles a step must hold 2 NSUB sub-tiles
+    (the copies issued in a step may not land in a slot that step still reads); XS goes with
+    a ring, 4 warps and unpaired x."""
+    ok = lambda c: G.valid(c, 8, 4096, 4096, SPEC)   # noqa: E731
+    assert ok(G.cfg(64, 256, st=4)) and not ok(G.cfg(64, 256, st=3))
+    assert ok(G.cfg(64, 128, st=2)) and ok(G.cfg(64, 128, st=4, xs=True))
+    assert not ok(G.cfg(64, 128, st=4, xs=True, xp=True))
+    assert not ok(G.cfg(128, 128, st=4, xs=True, nw=8))
+    assert not G.cfg(64, 128, xs=True)["XS"]                  # no ring: no XS
+
+
+@pytest.mark.cuda
+@gpu
 def test_matches_existing_kernel():
     from runtime.kernels.int_gemv import int_gemv
     N, K, M = 4096, 4096, 16
@@ -83,14 +112,14 @@ def test_matches_existing_kernel():
 
 
 
-def test_offered_to_the_tuner_only_when_asked(monkeypatch):
-    """EXA_GEMV_GLUON=1 adds the prototype's configs for 4-bit bf16/fp16 only; they are never
-    valid without the spec or under the interpreter, and are checked against a tensor-core
-    config before the tuner may keep one (int_gemv._agrees_with_tc)."""
+def test_offered_to_the_tuner_unless_turned_off(monkeypatch):
+    """The Gluon configs are offered for 4-bit bf16/fp16 only, unless EXA_GEMV_GLUON=0; they are
+    never valid without the spec or under the interpreter, and are checked against a
+    tensor-core config before the tuner may keep one (int_gemv._agrees_with_tc)."""
     from runtime.kernels import int_gemv as I
-    monkeypatch.delenv("EXA_GEMV_GLUON", raising=False)
+    monkeypatch.setenv("EXA_GEMV_GLUON", "0")
     assert not any(c.get("GLUON") for c in I.candidates(16, 4))
-    monkeypatch.setenv("EXA_GEMV_GLUON", "1")
+    monkeypatch.delenv("EXA_GEMV_GLUON", raising=False)
     got = [c for c in I.candidates(16, 4) if c.get("GLUON")]
     assert len(got) == (len(G.CONFIGS) if G.HAVE_GLUON else 0)
     assert not any(c.get("GLUON") for c in I.candidates(16, 8) + I.candidates(16, 4, torch.float32))

@@ -84,10 +84,11 @@ def _gluon():
 
 
 def gluon_on() -> bool:
-    """Whether the tuner is offered the Gluon prototype (int_gemv_gluon.py): only with
-    ``EXA_GEMV_GLUON=1`` where Triton has Gluon (not yet measured on a GPU; each such config is
-    also checked against a tensor-core config's output before the tuner may keep it)."""
-    return os.environ.get("EXA_GEMV_GLUON", "0") == "1" and _gluon().HAVE_GLUON
+    """Whether the tuner is offered the Gluon kernel (int_gemv_gluon.py): where Triton has Gluon,
+    unless ``EXA_GEMV_GLUON=0``. Measured on H100 only, so each such config must also match a
+    tensor-core config's output before the tuner may keep it (a config that fails to compile
+    on another GPU is skipped by the tuner)."""
+    return os.environ.get("EXA_GEMV_GLUON", "1") != "0" and _gluon().HAVE_GLUON
 
 
 def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int, spec: QuantSpec | None = None) -> bool:

@@ -35,10 +35,10 @@ from __future__ import annotations
 try:                                                   # gluon: triton >= 3.5 (written for 3.6)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp, mma_v2
     HAVE_GLUON = True
 except Exception:                                      # pragma: no cover - depends on triton
-    gluon = gl = mma_v2 = None
+    gluon = gl = mma_v2 = cp = None
     HAVE_GLUON = False
 
 _cfn = gluon.constexpr_function if HAVE_GLUON else (lambda f: f)   # host-callable either way
@@ -102,6 +102,18 @@ if HAVE_GLUON:
         return gl.DistributedLinearLayout(reg, lane, warp, [], [16, BM, 8])
 
     @_cfn
+    def _xring_read_layout(BM, NW):
+        """x sub-tile in shared memory as ``[4 (p % 4), BM, 4 (p // 4), 8]``: read so that, once
+        permuted to ``[16 (p), BM, 8]``, it is ``_x_layout`` (and the 8 lanes of a phase hit 8
+        different 16-byte bank groups)."""
+        reg = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [1, 0, 0, 0], [2, 0, 0, 0]]
+        if BM == 16:
+            reg.append([0, 8, 0, 0])
+        lane = [[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
+        warp = [[0, 0, 0, 0] for _ in range(NW.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [4, BM, 4, 8])
+
+    @_cfn
     def _mma_layout(NW, BM):
         return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
 
@@ -122,10 +134,34 @@ if HAVE_GLUON:
                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
     @gluon.jit
+    def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
+                 ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                 X_PAIRED: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr, zero):
+        """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
+        operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled)."""
+        Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)                 # 1 + z/16, twice
+        l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
+        l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
+        l2, h2 = _pair(w, 8, Z2, P, DT, ASM)
+        l3, h3 = _pair(w, 12, Z2, P, DT, ASM)
+        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
+                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
+        t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
+        a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)             # no data moves
+        if X_PAIRED:                     # x stored in pair order: no repacking
+            xv = gl.permute(gl.reshape(xv, [4, 4, BLOCK_M, 8]), (1, 0, 3, 2))
+        else:                            # natural order: one PRMT per mma register
+            xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                      # a b m h jh jl
+            xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                            # b a jh jl h m
+        b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
+        return mma_v2(a, b, zero)
+
+    @gluon.jit
     def _int4_gemv_gluon(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
                          stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
                          BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-                         X_PAIRED: gl.constexpr):
+                         X_PAIRED: gl.constexpr, PF: gl.constexpr, ST: gl.constexpr,
+                         XS: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -144,12 +180,11 @@ if HAVE_GLUON:
 
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
-        nkb = K // (BLOCK_K * SPLIT_K)                  # K blocks per split (loop over block
-        kb_lo = pid_k * nkb                             # indices: ks stays a multiple of 128)
         # weights: rows (clamped: loads stay in bounds) x physical words
         rows_w = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW))) % N
         offs_p = gl.arange(0, 16, layout=gl.SliceLayout(0, LW))
         w_base = qw_ptr + gl.expand_dims(rows_w * stride_qw, 1) + gl.expand_dims(offs_p, 0)
+        z_base = z_ptr + rows_w * G
         # x: physical word p, row m, code c
         xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=LX1), 1), 2)
         xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=LX2), 0), 2)
@@ -158,51 +193,140 @@ if HAVE_GLUON:
         x_mask = (xm < M) & (xp >= 0) & (xc >= 0)
         # scales: rows in the accumulator's layout
         offs_nc = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-        rows_c = offs_nc % N
+        s_base = s_ptr + (offs_nc % N) * G
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        for kb in range(kb_lo, kb_lo + nkb):
-            for sub in gl.static_range(NSUB):
-                ks = kb * BLOCK_K + sub * SUBK
-                gi = ks // GROUP
-                w = gl.load(w_base + ks // 8)                                  # [BN, 16] int32
-                z = gl.load(z_ptr + rows_w * G + gi).to(gl.int32)
-                Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)             # 1 + z/16, twice
-                l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
-                l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
-                l2, h2 = _pair(w, 8, Z2, P, DT, ASM)
-                l3, h3 = _pair(w, 12, Z2, P, DT, ASM)
-                t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
-                            gl.join(gl.join(h0, h2), gl.join(h1, h3)))         # [BN,16,jh,jl,h]
-                t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
-                a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)     # no data moves
-                xv = gl.load(x_base + ks, mask=x_mask, other=0.0)              # [16, BM, 8]
-                if X_PAIRED:                     # x stored in pair order: no repacking
-                    xv = gl.permute(gl.reshape(xv, [4, 4, BLOCK_M, 8]), (1, 0, 3, 2))
-                else:                            # natural order: one PRMT per mma register
-                    xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])              # a b m h jh jl
-                    xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                    # b a jh jl h m
-                b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
-                part = mma_v2(a, b, zero)
-                s = gl.load(s_ptr + rows_c * G + gi).to(gl.float32) * 16.0
-                acc = acc + part * gl.expand_dims(s, 1)
+        if ST > 0:                       # NSUB sub-tiles a step (independent mma chains);
+            nsub = K // (SUBK * SPLIT_K)                # the weights (and with XS, x) come
+            k_lo = pid_k * nsub * SUBK                  # through an ST-slot cp.async ring in
+            D: gl.constexpr = ST - NSUB                 # shared memory, one sub-tile a slot,
+            ring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],  # D sub-tiles ahead
+                                             gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            if XS:                       # x [4 (p%4), BM, 4 (p//4), 8] per slot, copied once
+                LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1],
+                                                     [3, 2, 1, 0])
+                xring = gl.allocate_shared_memory(DT, [ST, 4, BLOCK_M, 4, 8],
+                                                  gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+                cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+                cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+                ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
+                cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
+                cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
+                cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
+                ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
+                cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
+                xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
+                xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
+            for j in gl.static_range(D):
+                kj = k_lo + (j % nsub) * SUBK
+                cp.async_copy_global_to_shared(ring.index(j), w_base + kj // 8)
+                if XS:
+                    cp.async_copy_global_to_shared(xring.index(j), xc_base + kj, mask=xc_mask)
+                cp.commit_group()
+            z1 = gl.load(z_base + k_lo // GROUP).to(gl.int32)
+            s1 = gl.load(s_base + k_lo // GROUP).to(gl.float32)
+            for i0 in range(0, nsub, NSUB):
+                for u in gl.static_range(NSUB):
+                    kc = k_lo + ((i0 + u + D) % nsub) * SUBK      # wraps at the end: unused
+                    cp.async_copy_global_to_shared(ring.index((i0 + u + D) % ST), w_base + kc // 8)
+                    if XS:
+                        cp.async_copy_global_to_shared(xring.index((i0 + u + D) % ST), xc_base + kc,
+                                                       mask=xc_mask)
+                    cp.commit_group()
+                cp.wait_group(D)
+                for u in gl.static_range(NSUB):
+                    ks = k_lo + (i0 + u) * SUBK
+                    z = z1
+                    s = s1
+                    kn = k_lo + ((i0 + u + 1) % nsub) * SUBK      # z, s: one sub-tile ahead
+                    z1 = gl.load(z_base + kn // GROUP).to(gl.int32)
+                    s1 = gl.load(s_base + kn // GROUP).to(gl.float32)
+                    if XS:
+                        xr = xring.index((i0 + u) % ST).load(_xring_read_layout(BLOCK_M, NW))
+                        xv = gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)),
+                                                          [16, BLOCK_M, 8]), LX)
+                    else:
+                        xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
+                    w = ring.index((i0 + u) % ST).load(LW)
+                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
+                                    LA, LB, zero)
+                    acc = acc + part * gl.expand_dims(s * 16.0, 1)
+            cp.wait_group(0)
+        elif PF == 0:                      # loop over BLOCK_K blocks, NSUB sub-tiles unrolled
+            nkb = K // (BLOCK_K * SPLIT_K)              # K blocks per split (loop over block
+            kb_lo = pid_k * nkb                         # indices: ks stays a multiple of 128)
+            for kb in range(kb_lo, kb_lo + nkb):
+                for sub in gl.static_range(NSUB):
+                    ks = kb * BLOCK_K + sub * SUBK
+                    gi = ks // GROUP
+                    w = gl.load(w_base + ks // 8)                              # [BN, 16] int32
+                    z = gl.load(z_base + gi).to(gl.int32)
+                    xv = gl.load(x_base + ks, mask=x_mask, other=0.0)          # [16, BM, 8]
+                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
+                                    LA, LB, zero)
+                    s = gl.load(s_base + gi).to(gl.float32) * 16.0
+                    acc = acc + part * gl.expand_dims(s, 1)
+        else:                            # one sub-tile a step, loads PF sub-tiles ahead in
+            nsub = K // (SUBK * SPLIT_K)                # registers (the last ones wrap to the
+            k_lo = pid_k * nsub * SUBK                  # split's start: valid, unused)
+            w1 = gl.load(w_base + k_lo // 8)
+            z1 = gl.load(z_base + k_lo // GROUP).to(gl.int32)
+            s1 = gl.load(s_base + k_lo // GROUP)
+            x1 = gl.load(x_base + k_lo, mask=x_mask, other=0.0)
+            if PF == 2:
+                k2 = k_lo + (1 % nsub) * SUBK
+                w2 = gl.load(w_base + k2 // 8)
+                z2 = gl.load(z_base + k2 // GROUP).to(gl.int32)
+                s2 = gl.load(s_base + k2 // GROUP)
+                x2 = gl.load(x_base + k2, mask=x_mask, other=0.0)
+            for i in range(nsub):
+                w = w1
+                z = z1
+                s = s1
+                xv = x1
+                kn = k_lo + ((i + PF) % nsub) * SUBK
+                if PF == 2:
+                    w1 = w2
+                    z1 = z2
+                    s1 = s2
+                    x1 = x2
+                    w2 = gl.load(w_base + kn // 8)
+                    z2 = gl.load(z_base + kn // GROUP).to(gl.int32)
+                    s2 = gl.load(s_base + kn // GROUP)
+                    x2 = gl.load(x_base + kn, mask=x_mask, other=0.0)
+                else:
+                    w1 = gl.load(w_base + kn // 8)
+                    z1 = gl.load(z_base + kn // GROUP).to(gl.int32)
+                    s1 = gl.load(s_base + kn // GROUP)
+                    x1 = gl.load(x_base + kn, mask=x_mask, other=0.0)
+                part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
+                                LA, LB, zero)
+                acc = acc + part * gl.expand_dims(s.to(gl.float32) * 16.0, 1)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
                   + gl.expand_dims(offs_nc, 1))
         o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
         gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
-
-def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False):
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False, pf=0, st=0, xs=False):
     """xp (X_PAIRED): x is first copied into pair order (one small torch op per call), which
-    saves the kernel one PRMT per x register; else x is read as is."""
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_K": sk, "num_warps": nw,
-            "X_PAIRED": xp}
+    saves the kernel one PRMT per x register; else x is read as is. pf (PF): 0 = loop over
+    BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step with that many
+    sub-tiles' loads in flight ahead of it in registers (BLOCK_K is then only 128). st (ST) > 0:
+    bk // 128 sub-tiles a step, the weights through an st-slot cp.async ring in shared memory
+    (st >= 2 bk // 128); xs (XS, with st): x through that ring too, not loaded per warp."""
+    return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
+            "num_warps": nw, "X_PAIRED": xp, "PF": 0 if st else pf, "ST": st,
+            "XS": bool(st and xs)}
 
 
-CONFIGS = [cfg(64, 256), cfg(64, 128), cfg(128, 128), cfg(128, 256), cfg(64, 256, sk=2),
-           cfg(64, 256, sk=4), cfg(128, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, xp=True),
-           cfg(64, 256, sk=4, bm=8)]
+# The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
+# some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py, 2026-11-27).
+CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, bm=8),
+           cfg(128, sk=4, pf=1), cfg(128, pf=2), cfg(64, pf=2, bm=8), cfg(64, sk=4, pf=2, bm=8),
+           cfg(64, 256, sk=4, st=4), cfg(64, 128, st=4, bm=8, xs=True),
+           cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
+           cfg(128, 128, st=4, xs=True)]
 
 
 def pair_order(x):
@@ -218,7 +342,9 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
     return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
             and g % SUBK_K == 0 and K % g == 0 and bk % SUBK_K == 0 and K % (bk * sk) == 0
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
-            and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"])
+            and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
+            and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
+            and not (c.get("XS") and (nw != 4 or not c.get("ST") or c.get("X_PAIRED"))))
 
 
 def launch(x, t, spec, N, K, c, out=None):
@@ -242,7 +368,7 @@ def launch(x, t, spec, N, K, c, out=None):
     _int4_gemv_gluon[grid](xk, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst,
                            M, N, K, K // g, xk.stride(0), dst.stride(-2), K // 8, GROUP=g,
                            BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
-                           SPLIT_K=sk, X_PAIRED=bool(c.get("X_PAIRED")),
+                           SPLIT_K=sk, X_PAIRED=bool(c.get("X_PAIRED")), PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")),
                            num_warps=c["num_warps"])
     if dst is not out:
         sum_partials(dst, out)
