@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 EXA_CACHE_DIR=$(mktemp -d) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider -rf \
   --tb=short tests/test_gemv_gluon.py > "$OUT/cuda_tests.txt" 2>&1
 tail -3 "$OUT/cuda_tests.txt"
-timeout 200 python3 benchmarks/gluon_gemv.py --shapes ${SHAPES:-28672x8192,8192x28672,8192x8192,28672x4096} \
+timeout 200 python3 benchmarks/gluon_gemv.py --shapes ${SHAPES:-28672x8192,8192x28672,8192x8192,28672x4096} ${EXTRA:-} \
   --m 4,8,16 > "$OUT/gluon_gemv.txt" 2>&1; cut -d'|' -f1,2 "$OUT/gluon_gemv.txt"
 for i in $PROF; do
   timeout 60 /usr/local/cuda/bin/ncu --kernel-name regex:_int4_gemv_gluon --launch-skip 3 --launch-count 1 \

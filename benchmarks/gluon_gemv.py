@@ -3,7 +3,7 @@ tuned ``int_gemv`` on one GPU: microseconds (triton.testing.do_bench medians, L2
 for a first look only; benchmarks/kernels.py is the careful measurement) and the packed
 weights' GB/s. Checks each config against the reference first.
 
-    python3 benchmarks/gluon_gemv.py [--shapes 4096x4096,28672x4096,4096x14336] [--m 1,8,16]
+    python3 benchmarks/gluon_gemv.py [--shapes 4096x4096,28672x4096,4096x14336] [--m 1,8,16] [--extra]
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def main(args) -> None:
             base = tt.do_bench(lambda: int_gemv(x, t, SPEC, N, K), warmup=25, rep=100) * 1e3
             line = [f"{N}x{K} M{M}: int_gemv {base:.1f}us {nbytes / base / 1e3:.0f}GB/s"]
             best = (base, "int_gemv")
-            for i, c in enumerate(G.CONFIGS):
+            for i, c in enumerate(G.CONFIGS + (G.EXTRA if args.extra else [])):
                 if not G.valid(c, M, N, K, SPEC):
                     continue
                 y = G.launch(x, t, SPEC, N, K, c).float()
@@ -57,4 +57,5 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4096x4096,28672x4096,4096x14336,28672x8192,8192x28672")
     ap.add_argument("--m", default="1,8,16")
+    ap.add_argument("--extra", action="store_true", help="also time int_gemv_gluon.EXTRA")
     main(ap.parse_args())

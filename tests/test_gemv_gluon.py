@@ -53,7 +53,7 @@ def test_default_configs(N, K, M, dtype):
 
 @pytest.mark.cuda
 @gpu
-@pytest.mark.parametrize("c", G.CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("c", G.CONFIGS + G.EXTRA, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_all_configs(c):
     N, K = 4096, 4096
     for M in (1, 5, 8, 16):

@@ -136,9 +136,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
                  ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 X_PAIRED: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr, zero):
+                 X_PAIRED: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr, zero,
+                 CH: gl.constexpr = 1):
         """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
-        operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled)."""
+        operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with
+        CH = 2 two independent mmas over the K halves, added (accumulator chains half as long)."""
         Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)                 # 1 + z/16, twice
         l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
         l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
@@ -154,6 +156,11 @@ if HAVE_GLUON:
             xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                      # a b m h jh jl
             xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                            # b a jh jl h m
         b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
+        if CH == 2:                      # split on the top K bit (a register bit of both)
+            a0, a1 = gl.split(gl.permute(gl.reshape(a, [BLOCK_N, 2, SUBK // 2]), (0, 2, 1)))
+            b0, b1 = gl.split(gl.permute(gl.reshape(b, [2, SUBK // 2, BLOCK_M]), (1, 2, 0)))
+            return (mma_v2(gl.convert_layout(a0, LA), gl.convert_layout(b0, LB), zero)
+                    + mma_v2(gl.convert_layout(a1, LA), gl.convert_layout(b1, LB), zero))
         return mma_v2(a, b, zero)
 
     @gluon.jit
@@ -161,7 +168,7 @@ if HAVE_GLUON:
                          stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
                          BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
                          X_PAIRED: gl.constexpr, PF: gl.constexpr, ST: gl.constexpr,
-                         XS: gl.constexpr):
+                         XS: gl.constexpr, CH: gl.constexpr = 1):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -249,7 +256,7 @@ if HAVE_GLUON:
                         xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
                     w = ring.index((i0 + u) % ST).load(LW)
                     part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
-                                    LA, LB, zero)
+                                    LA, LB, zero, CH)
                     acc = acc + part * gl.expand_dims(s * 16.0, 1)
             cp.wait_group(0)
         elif PF == 0:                      # loop over BLOCK_K blocks, NSUB sub-tiles unrolled
@@ -263,7 +270,7 @@ if HAVE_GLUON:
                     z = gl.load(z_base + gi).to(gl.int32)
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)          # [16, BM, 8]
                     part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
-                                    LA, LB, zero)
+                                    LA, LB, zero, CH)
                     s = gl.load(s_base + gi).to(gl.float32) * 16.0
                     acc = acc + part * gl.expand_dims(s, 1)
         else:                            # one sub-tile a step, loads PF sub-tiles ahead in
@@ -300,7 +307,7 @@ if HAVE_GLUON:
                     s1 = gl.load(s_base + kn // GROUP)
                     x1 = gl.load(x_base + kn, mask=x_mask, other=0.0)
                 part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
-                                LA, LB, zero)
+                                LA, LB, zero, CH)
                 acc = acc + part * gl.expand_dims(s.to(gl.float32) * 16.0, 1)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
@@ -308,16 +315,17 @@ if HAVE_GLUON:
         o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
         gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
-def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False, pf=0, st=0, xs=False):
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False, pf=0, st=0, xs=False, ch=1):
     """xp (X_PAIRED): x is first copied into pair order (one small torch op per call), which
     saves the kernel one PRMT per x register; else x is read as is. pf (PF): 0 = loop over
     BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step with that many
     sub-tiles' loads in flight ahead of it in registers (BLOCK_K is then only 128). st (ST) > 0:
     bk // 128 sub-tiles a step, the weights through an st-slot cp.async ring in shared memory
-    (st >= 2 bk // 128); xs (XS, with st): x through that ring too, not loaded per warp."""
+    (st >= 2 bk // 128); xs (XS, with st): x through that ring too, not loaded per warp.
+    ch (CH) 2: each sub-tile as two independent mmas over its K halves."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
             "num_warps": nw, "X_PAIRED": xp, "PF": 0 if st else pf, "ST": st,
-            "XS": bool(st and xs)}
+            "XS": bool(st and xs), "CH": ch}
 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
@@ -327,6 +335,13 @@ CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 2
            cfg(64, 256, sk=4, st=4), cfg(64, 128, st=4, bm=8, xs=True),
            cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
            cfg(128, 128, st=4, xs=True)]
+# Candidates under trial (benchmarks/gluon_gemv.py --extra), not offered to the tuner:
+# four sub-tiles a step, a deeper ring, split-K with the ring, two mma chains per sub-tile.
+EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(128, 256, st=6, xs=True),
+         cfg(64, 512, st=8, xs=True), cfg(128, 256, sk=2, st=4, xs=True),
+         cfg(128, 256, sk=2, st=4, bm=8, xs=True), cfg(128, 256, st=4, bm=8, xs=True, ch=2),
+         cfg(128, 256, st=4, xs=True, ch=2), cfg(128, pf=2, ch=2), cfg(64, 256, sk=4, bm=8, ch=2),
+         cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)]
 
 
 def pair_order(x):
@@ -368,7 +383,7 @@ def launch(x, t, spec, N, K, c, out=None):
     _int4_gemv_gluon[grid](xk, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst,
                            M, N, K, K // g, xk.stride(0), dst.stride(-2), K // 8, GROUP=g,
                            BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
-                           SPLIT_K=sk, X_PAIRED=bool(c.get("X_PAIRED")), PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")),
+                           SPLIT_K=sk, X_PAIRED=bool(c.get("X_PAIRED")), PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")), CH=c.get("CH", 1),
                            num_warps=c["num_warps"])
     if dst is not out:
         sum_partials(dst, out)
