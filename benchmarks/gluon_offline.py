@@ -1,7 +1,8 @@
 """Compile the Gluon int4 GEMV prototype (runtime/kernels/int_gemv_gluon.py) offline for sm_90 and
-report what its compiled code does with shared memory: no GPU (and no torch) needed.
+report what its compiled code does with shared memory: no GPU (and no torch) needed. With
+``--gemm``: the wgmma prefill prototype (runtime/kernels/int_gemm_gluon.py) instead.
 
-    /tmp/t36/bin/python benchmarks/gluon_offline.py [--torch-site DIR] [--dump DIR]
+    /tmp/t36/bin/python benchmarks/gluon_offline.py [--torch-site DIR] [--dump DIR] [--gemm]
 
 (/tmp/t36: a venv with triton 3.6, the device's version.) For each config: ``shared`` bytes
 (metadata), registers and SHARED from ``cuobjdump --dump-resource-usage``, PTX counts of
@@ -100,6 +101,37 @@ def compile_gluon(bn, bk, nw, dt, xp, bm=16, sk=1, pf=0, st=0, xs=False):
     return triton.compile(src, target=TARGET, options={"num_warps": nw})
 
 
+def compile_gemm(c: dict, dt: str):
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from runtime.kernels import int_gemm_gluon as W
+    consts = {"GROUP": 128, **{k: v for k, v in c.items() if k != "num_warps"}}
+    sig, attrs = _sig(dt, consts)
+    src = GluonASTSource(W._int4_gemm_wgmma, sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": c["num_warps"]})
+
+
+def gemm_report(dump) -> bool:
+    """The wgmma prefill prototype (int_gemm_gluon.py): compiles, uses wgmma, and no shared
+    memory store moves the dequantized tile (only cp.async fills the rings)."""
+    from runtime.kernels import int_gemm_gluon as W
+    ok = True
+    for c in W.CONFIGS:
+        for dt in ("bf16", "fp16"):
+            name = f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_{dt}"
+            try:
+                row = report(name, compile_gemm(c, dt), dump)
+            except Exception as e:                   # report and go on
+                print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
+                ok = False
+                continue
+            good = row["wgmma"] > 0 and row["st.shared"] == 0 and row.get("STS", 0) == 0
+            print(f"{name}: shared {row['shared']} REG {row.get('REG')} wgmma {row['wgmma']} "
+                  f"st.shared {row['st.shared']} ld.shared {row['ld.shared']} "
+                  f"convert_layout {row['convert_layout']} {'ok' if good else 'FAIL'}")
+            ok &= good
+    return ok
+
+
 def compile_existing(bn, bk, nw, dt, bm=16):
     from runtime.kernels import int_gemv as E
     consts = {"BITS": 4, "GROUP": 128, "MODE": 1, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm,
@@ -113,7 +145,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--torch-site", help="site-packages with torch (for the existing kernel)")
     ap.add_argument("--dump", type=Path, help="write ttgir/ptx/sass per config here")
+    ap.add_argument("--gemm", action="store_true", help="only the wgmma prefill prototype")
     args = ap.parse_args()
+    if args.gemm:
+        ok = gemm_report(args.dump)
+        print("PASS" if ok else "FAIL: see above")
+        return 0 if ok else 1
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
     cols = ["shared", "SHARED", "REG", "st.shared", "ld.shared", "ldmatrix", "STS", "LDS", "LDSM",
             "local_alloc", "convert_layout", "mma", "wgmma", "HMMA", "ld.global.v4", "ld.global", "LDG",

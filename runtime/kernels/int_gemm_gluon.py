@@ -1,0 +1,220 @@
+"""Gluon prototype of the prefill GEMM for 4-bit ``int`` weights with uint8 zeros on Hopper
+(sm_90): ``out.T [N, BM] = W [N, K] @ x.T [K, BM]`` with W, dequantized and scaled in
+registers, as the register A operand of ``warpgroup_mma`` (wgmma) and x tiles as its shared
+memory B operand. Not dispatched yet: compiled offline (``benchmarks/gluon_offline.py
+--gemm``), its CUDA tests (tests/test_gemm_gluon.py) have not run on a GPU.
+
+Why: the Triton GEMM (``int_gemm.py``) reaches 49-56% of cuBLAS bf16 at M = 256 on three of
+the Llama shapes; there the dequantized tile goes to shared memory for a layout change before
+the tensor cores read it. Here it does not: the packed words come through a ``cp.async`` ring
+in shared memory (as in ``int_gemv_gluon``'s ST loop), are unpacked into exactly the registers
+wgmma reads, and only x (reused by every row of W) is read by the tensor cores from shared
+memory.
+
+K order: a wgmma register A operand must have ``k_width = 2``. Its linear layout over (n, k)
+for a ``[64, 128]`` tile (triton 3.6, ``to_linear_layout``) is::
+
+    reg  k1 n8 k8 k16 k32 k64     lane  k2 k4 n1 n2 n4     warp  n16 n32
+
+which is the ``mma_v2`` ``k_width = 8`` layout that ``int_gemv_gluon`` builds from the words
+(reg k1 k2 k4 n8 k32 k64, lane k8 k16 n1 n2 n4) with the K bits relabelled and registers in
+another order. So the tile is built as in the GEMV (its "v2" logical K order), the K bits are
+relabelled by one reshape/permute (v2 k1 k2 k4 k8 k16 -> k1 k8 k16 k2 k4), and the layout
+conversion is a register renaming. The dot is invariant under a permutation of K applied to
+both operands, so x is copied once per call into the same order (``order()``), then read by
+plain 16-byte ``cp.async`` copies into a 128-byte-swizzled tile.
+
+Scales: ``(q - z) / 16`` is exact in bf16/fp16 (as in the GEMV); one ``mul.rn`` by ``16 s``
+rounds once to x's dtype, as the Triton GEMM's dequantized tile does.
+"""
+from __future__ import annotations
+
+from runtime.kernels import int_gemv_gluon as V
+
+HAVE_GLUON = V.HAVE_GLUON
+try:                                                   # hopper ops: triton >= 3.5 (written for 3.6)
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
+                                                                   warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+except Exception:                                      # pragma: no cover - depends on triton
+    HAVE_GLUON = False
+
+gluon, gl, cp = V.gluon, V.gl, V.cp
+SUBK = V.SUBK_K                                        # K per sub-tile: 16 packed words a row
+SUBK_C = V.SUBK                                        # the same, for kernels
+
+
+def order() -> list[int]:
+    """For each wgmma-logical k' in a 128-wide sub-tile, the physical k it holds."""
+    out = [0] * SUBK
+    for a in range(4):
+        for b in range(4):
+            for h in range(2):
+                for jh in range(2):
+                    for jl in range(2):
+                        phys = 8 * (4 * a + b) + 4 * h + 2 * jh + jl      # word 4a+b, code 4h+2jh+jl
+                        v2 = (((b * 4 + a) * 2 + jh) * 2 + jl) * 2 + h    # int_gemv_gluon's order
+                        bit = [(v2 >> i) & 1 for i in range(7)]            # k1 k2 k4 k8 k16 k32 k64
+                        k3 = (bit[0] | bit[3] << 1 | bit[4] << 2 | bit[1] << 3 | bit[2] << 4
+                              | bit[5] << 5 | bit[6] << 6)
+                        out[k3] = phys
+    return out
+
+
+def v3_relabel(t):
+    """The kernel's K relabelling on a torch tensor ``[..., 128]`` in the v2 order (reference)."""
+    s = t.shape[:-1]
+    t = t.reshape(*s, 2, 2, 2, 2, 2, 2, 2)                 # k64 k32 k16 k8 k4 k2 k1
+    n = len(s)
+    t = t.permute(*range(n), n, n + 1, n + 4, n + 5, n + 2, n + 3, n + 6)
+    return t.reshape(*s, SUBK)
+
+
+@V._cfn
+def _asm_scaled(bf16: bool) -> str:
+    """As ``int_gemv_gluon._asm``, then times ``$4`` (16 s, twice): ``(q - z) s``, one rounding."""
+    p = 3 if bf16 else 6
+    mask, one = (0xF << p) * 0x10001, (0x3F80 if bf16 else 0x3C00) * 0x10001
+    ty = "bf16x2" if bf16 else "f16x2"
+    return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; sub.rn.{ty} t, t, $3; "
+            f"mul.rn.{ty} t, t, $4; mov.b32 {{$0, $1}}, t; }}")
+
+
+if HAVE_GLUON:
+    @gluon.jit
+    def _pair_s(w, SH: gl.constexpr, Z2, S2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
+        if SH > P:
+            v = w >> (SH - P)
+        elif SH < P:
+            v = w << (P - SH)
+        else:
+            v = w
+        if DT == gl.bfloat16:
+            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r,r", [v, Z2, S2],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r,r", [v, Z2, S2],
+                                             dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _a_tile(w, z, s, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr, ONE: gl.constexpr,
+                BLOCK_N: gl.constexpr, LA: gl.constexpr):
+        """Words ``[BN, 16]`` -> the scaled weights ``[BN, 128]`` as wgmma's register A operand."""
+        Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)
+        s16 = (s.to(gl.float32) * 16.0).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        S2 = gl.expand_dims(s16 | (s16 << 16), 1)
+        l0, h0 = _pair_s(w, 0, Z2, S2, P, DT, ASM)
+        l1, h1 = _pair_s(w, 4, Z2, S2, P, DT, ASM)
+        l2, h2 = _pair_s(w, 8, Z2, S2, P, DT, ASM)
+        l3, h3 = _pair_s(w, 12, Z2, S2, P, DT, ASM)
+        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
+                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
+        t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))       # v2 order
+        t = gl.reshape(t, [BLOCK_N, 2, 2, 2, 2, 2, 2, 2])                       # k64 .. k1
+        t = gl.permute(t, (0, 1, 2, 5, 6, 3, 4, 7))                            # v3 order
+        return gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK_C]), LA)          # registers renamed
+
+    @gluon.jit
+    def _int4_gemm_wgmma(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
+                         stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                         BLOCK_M: gl.constexpr, ST: gl.constexpr):
+        NW: gl.constexpr = gl.num_warps()
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        BF16: gl.constexpr = DT == gl.bfloat16
+        P: gl.constexpr = 3 if BF16 else 6
+        ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
+        ASM: gl.constexpr = _asm_scaled(BF16)
+        LW: gl.constexpr = V._word_layout(BLOCK_N, NW)
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+                                                      instr_shape=[16, BLOCK_M, 16])
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        LXC: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
+        SX: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+        pid = gl.program_id(0)                         # M tiles of one row block run together:
+        num_m = gl.cdiv(M, BLOCK_M)                    # they share the weight tile in L2
+        pid_m = pid % num_m
+        pid_n = pid // num_m
+        rows_w = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW))) % N
+        offs_p = gl.arange(0, 16, layout=gl.SliceLayout(0, LW))
+        w_base = qw_ptr + gl.expand_dims(rows_w * stride_qw, 1) + gl.expand_dims(offs_p, 0)
+        zs_off = rows_w * G
+        xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LXC))
+        xk = gl.arange(0, SUBK_C, layout=gl.SliceLayout(0, LXC))
+        x_base = x_ptr + gl.expand_dims((xm % M) * stride_xm, 1) + gl.expand_dims(xk, 0)
+        wring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        xring = gl.allocate_shared_memory(DT, [ST, BLOCK_M, SUBK_C], SX)
+        nsub = K // SUBK_C
+        D: gl.constexpr = ST - 1
+        for j in gl.static_range(D):
+            kj = (j % nsub) * SUBK_C
+            cp.async_copy_global_to_shared(wring.index(j), w_base + kj // 8)
+            cp.async_copy_global_to_shared(xring.index(j), x_base + kj)
+            cp.commit_group()
+        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        for i in range(nsub):
+            kc = ((i + D) % nsub) * SUBK_C                  # wraps at the end: unused
+            cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
+            cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
+            cp.commit_group()
+            gi = (i * SUBK_C) // GROUP
+            z = gl.load(z_ptr + zs_off + gi).to(gl.int32)
+            s = gl.load(s_ptr + zs_off + gi)
+            cp.wait_group(D)
+            a = _a_tile(wring.index(i % ST).load(LW), z, s, P, DT, ASM, ONE, BLOCK_N, LA)
+            fence_async_shared()
+            acc = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+        cp.wait_group(0)
+        offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
+        o_ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)
+        o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_n, 1) < N)
+        gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def cfg(bn=64, bm=128, st=3, nw=4):
+    return {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "num_warps": nw}
+
+
+# (BLOCK_N 128 with BLOCK_M 128 spills registers when compiled for sm_90: not listed.)
+CONFIGS = [cfg(64, 128), cfg(64, 256, st=2), cfg(64, 64, st=4), cfg(128, 64, st=4)]
+
+
+def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
+    """4-bit, uint8 zeros, GROUP a multiple of 128 dividing K; one warpgroup (4 warps)."""
+    g = K if spec.group_size == -1 else spec.group_size
+    return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
+            and g % SUBK == 0 and K % g == 0 and c["num_warps"] == 4 and c["ST"] >= 2
+            and c["BLOCK_N"] % 64 == 0 and c["BLOCK_M"] in (64, 128, 256))
+
+
+def permute_x(x):
+    """x [M, K] -> copy with every 128-wide K sub-tile in the kernel's order (``order()``)."""
+    import torch
+    M, K = x.shape
+    idx = torch.tensor(order(), device=x.device)
+    return x.view(M, K // SUBK, SUBK).index_select(2, idx).reshape(M, K)
+
+
+def launch(x, t, spec, N, K, c, out=None):
+    """Run one config: x [M, K] (bf16/fp16) -> out [M, N] in x.dtype (sm_90 only)."""
+    import torch
+    import triton
+    from runtime.kernels.common import check_int_inputs, group_of
+    assert HAVE_GLUON, "triton.experimental.gluon (hopper) is not available"
+    check_int_inputs(x, t, spec, N, K)
+    M = x.shape[0]
+    assert x.dtype in (torch.bfloat16, torch.float16), "the wgmma prototype takes bf16/fp16 x"
+    assert valid(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
+    g = group_of(spec, K)
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    xp = permute_x(x.contiguous())
+    grid = (triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(M, c["BLOCK_M"]),)
+    _int4_gemm_wgmma[grid](xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], out,
+                           M, N, K, K // g, xp.stride(0), out.stride(0), K // 8, GROUP=g,
+                           BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"],
+                           num_warps=c["num_warps"])
+    return out
