@@ -6,11 +6,7 @@
 #   bash benchmarks/device_gluon.sh OUTDIR          (carry .whl: pytest and its wheels)
 set -u
 OUT=${1:?usage: device_gluon.sh OUTDIR}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 EXA_GEMV_GLUON=1 EXA_CACHE_DIR=$(mktemp -d) timeout 150 python3 -m pytest -q -m cuda -p no:cacheprovider -rf \
   --tb=short tests/test_gemv_gluon.py tests/test_kernels.py -k "gluon or gemv" > "$OUT/cuda_tests.txt" 2>&1
 tail -3 "$OUT/cuda_tests.txt"

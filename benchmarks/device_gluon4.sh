@@ -4,10 +4,7 @@
 #   bash benchmarks/device_gluon4.sh OUTDIR
 set -u
 OUT=${1:?usage: device_gluon4.sh OUTDIR}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> "$OUT/gpu.txt"
+source "$(dirname "$0")/device_env.sh"
 SHAPES=4096x4096,14336x4096,4096x14336,8192x8192,28672x8192,8192x28672
 for on in 0 1; do
   EXA_GEMV_GLUON=$on EXA_CACHE_DIR=$(mktemp -d) timeout 280 python3 benchmarks/kernels.py --no-bnb --m 1,4,8,16 \
