@@ -83,12 +83,7 @@ def _asm_scaled(bf16: bool) -> str:
 if HAVE_GLUON:
     @gluon.jit
     def _pair_s(w, SH: gl.constexpr, Z2, S2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
-        if SH > P:
-            v = w >> (SH - P)
-        elif SH < P:
-            v = w << (P - SH)
-        else:
-            v = w
+        v = V._align(w, SH, P)
         if DT == gl.bfloat16:
             return gl.inline_asm_elementwise(ASM, "=h,=h,r,r,r", [v, Z2, S2],
                                              dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
@@ -202,15 +197,7 @@ def launch(x, t, spec, N, K, c, out=None):
     """Run one config: x [M, K] (bf16/fp16) -> out [M, N] in x.dtype (sm_90 only)."""
     import torch
     import triton
-    from runtime.kernels.common import check_int_inputs, group_of
-    assert HAVE_GLUON, "triton.experimental.gluon (hopper) is not available"
-    check_int_inputs(x, t, spec, N, K)
-    M = x.shape[0]
-    assert x.dtype in (torch.bfloat16, torch.float16), "the wgmma prototype takes bf16/fp16 x"
-    assert valid(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
-    g = group_of(spec, K)
-    if out is None:
-        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    M, g, out = V.prepare(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
     xp = permute_x(x.contiguous())
     grid = (triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(M, c["BLOCK_M"]),)
     _int4_gemm_wgmma[grid](xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], out,

@@ -118,14 +118,19 @@ if HAVE_GLUON:
         return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
 
     @gluon.jit
+    def _align(w, SH: gl.constexpr, P: gl.constexpr):
+        """The words shifted so that the code at bit SH (and SH + 16) sits at bit P."""
+        if SH > P:
+            return w >> (SH - P)
+        elif SH < P:
+            return w << (P - SH)
+        else:
+            return w
+
+    @gluon.jit
     def _pair(w, SH: gl.constexpr, Z2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
         """Codes SH/4 and SH/4 + 4 of every word as two DT tensors ``(q - z) / 16``."""
-        if SH > P:
-            v = w >> (SH - P)
-        elif SH < P:
-            v = w << (P - SH)
-        else:
-            v = w
+        v = _align(w, SH, P)
         if DT == gl.bfloat16:
             return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
                                              dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
@@ -316,13 +321,11 @@ if HAVE_GLUON:
         gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False, pf=0, st=0, xs=False, ch=1):
-    """xp (X_PAIRED): x is first copied into pair order (one small torch op per call), which
-    saves the kernel one PRMT per x register; else x is read as is. pf (PF): 0 = loop over
-    BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step with that many
-    sub-tiles' loads in flight ahead of it in registers (BLOCK_K is then only 128). st (ST) > 0:
-    bk // 128 sub-tiles a step, the weights through an st-slot cp.async ring in shared memory
-    (st >= 2 bk // 128); xs (XS, with st): x through that ring too, not loaded per warp.
-    ch (CH) 2: each sub-tile as two independent mmas over its K halves."""
+    """xp: x first copied into pair order (saves a PRMT per x register). pf: 0 = BLOCK_K blocks
+    with the sub-tiles unrolled; 1/2 = one sub-tile a step, that many sub-tiles' loads ahead in
+    registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the weights through an st-slot
+    cp.async ring (st >= 2 bk // 128); xs (with st): x through the ring too, not loaded by every
+    warp. ch 2: each sub-tile as two independent mmas over its K halves."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
             "num_warps": nw, "X_PAIRED": xp, "PF": 0 if st else pf, "ST": st,
             "XS": bool(st and xs), "CH": ch}
@@ -362,20 +365,27 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and not (c.get("XS") and (nw != 4 or not c.get("ST") or c.get("X_PAIRED"))))
 
 
+def prepare(x, t, spec, N, K, c, out, fits, have=HAVE_GLUON):
+    """The checks both Gluon launchers make (inputs, dtype, ``fits(c, M, N, K, spec)``) and the
+    output they write: returns (M, group size, out)."""
+    import torch
+    from runtime.kernels.common import check_int_inputs, group_of
+    assert have, "triton.experimental.gluon is not available"
+    check_int_inputs(x, t, spec, N, K)
+    M = x.shape[0]
+    assert x.dtype in (torch.bfloat16, torch.float16), "the Gluon kernels take bf16/fp16 x"
+    assert fits(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    return M, group_of(spec, K), out
+
+
 def launch(x, t, spec, N, K, c, out=None):
     """Run one config: x [M, K] (bf16/fp16, contiguous rows) -> out [M, N] in x.dtype."""
     import torch
     import triton
-    from runtime.kernels.common import check_int_inputs, group_of
     from runtime.kernels.splitk import partials, sum_partials
-    assert HAVE_GLUON, "triton.experimental.gluon is not available"
-    check_int_inputs(x, t, spec, N, K)
-    M = x.shape[0]
-    assert x.dtype in (torch.bfloat16, torch.float16), "the gluon prototype takes bf16/fp16 x"
-    assert valid(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
-    g = group_of(spec, K)
-    if out is None:
-        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    M, g, out = prepare(x, t, spec, N, K, c, out, valid)
     sk = c["SPLIT_K"]
     dst = partials(out, sk)
     grid = (triton.cdiv(N, c["BLOCK_N"]), sk)
