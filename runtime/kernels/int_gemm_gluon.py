@@ -70,16 +70,6 @@ def v3_relabel(t):
     return t.reshape(*s, SUBK)
 
 
-@V._cfn
-def _asm_scaled(bf16: bool) -> str:
-    """As ``int_gemv_gluon._asm``, then times ``$4`` (16 s, twice): ``(q - z) s``, one rounding."""
-    p = 3 if bf16 else 6
-    mask, one = (0xF << p) * 0x10001, (0x3F80 if bf16 else 0x3C00) * 0x10001
-    ty = "bf16x2" if bf16 else "f16x2"
-    return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; sub.rn.{ty} t, t, $3; "
-            f"mul.rn.{ty} t, t, $4; mov.b32 {{$0, $1}}, t; }}")
-
-
 if HAVE_GLUON:
     @gluon.jit
     def _pair_s(w, SH: gl.constexpr, Z2, S2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
@@ -118,7 +108,7 @@ if HAVE_GLUON:
         BF16: gl.constexpr = DT == gl.bfloat16
         P: gl.constexpr = 3 if BF16 else 6
         ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
-        ASM: gl.constexpr = _asm_scaled(BF16)
+        ASM: gl.constexpr = V._asm(BF16, True)
         LW: gl.constexpr = V._word_layout(BLOCK_N, NW)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])

@@ -80,14 +80,16 @@ def x_layout_bases(BM: int, NW: int):
 
 
 @_cfn
-def _asm(bf16: bool) -> str:
+def _asm(bf16: bool, scaled: bool = False) -> str:
     """``(lo, hi) = halves of ((v & MASK) | ONE) - Z2``: codes at bits 3..6 (bf16) / 6..9 (fp16)
-    of each half under the exponent of 1.0 give ``1 + q/16``; minus ``1 + z/16`` is exact."""
+    under the exponent of 1.0 give ``1 + q/16``; minus ``1 + z/16`` is exact (``scaled``: then
+    times ``$4`` = 16 s, twice, one rounding: ``(q - z) s``)."""
     p = 3 if bf16 else 6
     mask, one = (0xF << p) * 0x10001, (0x3F80 if bf16 else 0x3C00) * 0x10001
-    sub = "sub.rn.bf16x2" if bf16 else "sub.rn.f16x2"
-    return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; {sub} t, t, $3; "
-            f"mov.b32 {{$0, $1}}, t; }}")
+    ty = "bf16x2" if bf16 else "f16x2"
+    mul = f"mul.rn.{ty} t, t, $4; " if scaled else ""
+    return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; sub.rn.{ty} t, t, $3; "
+            f"{mul}mov.b32 {{$0, $1}}, t; }}")
 
 
 if HAVE_GLUON:
@@ -338,8 +340,7 @@ CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 2
            cfg(64, 256, sk=4, st=4), cfg(64, 128, st=4, bm=8, xs=True),
            cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
            cfg(128, 128, st=4, xs=True)]
-# Candidates under trial (benchmarks/gluon_gemv.py --extra), not offered to the tuner:
-# four sub-tiles a step, a deeper ring, split-K with the ring, two mma chains per sub-tile.
+# Tried, not offered to the tuner (none won; benchmarks/gluon_gemv.py --extra, RESULTS.md):
 EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(128, 256, st=6, xs=True),
          cfg(64, 512, st=8, xs=True), cfg(128, 256, sk=2, st=4, xs=True),
          cfg(128, 256, sk=2, st=4, bm=8, xs=True), cfg(128, 256, st=4, bm=8, xs=True, ch=2),
