@@ -1,7 +1,6 @@
-"""Gluon prototype of the decode GEMV for 4-bit ``int`` weights with uint8 zeros (M <= 16):
-the dequantized weight tile is built directly in the tensor-core A-operand registers, so the
-weights never touch shared memory (``int_gemv.py`` lets Triton convert the tile from a blocked
-layout through shared memory, with heavy store bank conflicts).
+"""Decode GEMV in Triton's Gluon dialect for 4-bit ``int`` weights with uint8 zeros (M <= 16),
+offered to ``int_gemv``'s tuner: the dequantized tile is built directly in the tensor-core
+A-operand registers (``int_gemv.py`` lets Triton convert it through shared memory).
 
 ``out.T [N, BM] = W [N, K] @ x.T [K, BM]`` with W as the A operand of ``mma_v2``
 (m16n8k16), ``DotOperandLayout(0, mma, k_width=8)``. Its linear layout over (n, k) for a
@@ -22,13 +21,13 @@ order: that linear layout is the A-operand layout, so the final ``convert_layout
 Inside a word the order is ``i = 4 jh + 2 jl + h`` for code ``j + 4h`` (j = 2 jh + jl): the
 pair (codes j, j + 4) that one lop3 extracts is the low/high half of one mma register.
 
-x.T goes in as the B operand (k_width 8) loaded straight from global memory, 16 bytes per load,
-in layout ``_x_layout`` over ``[16 (p), BM, 8 (code)]``, and is permuted the same way (no shared
-memory either; with X_PAIRED the launcher first copies x into pair order, saving the PRMTs
-that otherwise pack codes j, j + 4 of x into one register). The
+x.T goes in as the B operand (k_width 8), in layout ``_x_layout`` over ``[16 (p), BM, 8 (code)]``
+(16-byte loads from global memory, or with XS from the cp.async ring), permuted the same way
+(X_PAIRED: the launcher first copies x into pair order, saving a PRMT per register). The
 per-group scale (fp16 -> fp32, times 16) is applied to each sub-tile's mma result in float32;
 one sub-tile = 128 K = one quantization group, so GROUP must be a multiple of 128.
-Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (float32 partials, summed in order).
+Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (float32 partials, summed in order);
+the loops (plain, PF, ST/XS) are described at ``cfg``.
 """
 from __future__ import annotations
 
