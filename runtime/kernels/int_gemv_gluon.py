@@ -140,6 +140,12 @@ if HAVE_GLUON:
                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
     @gluon.jit
+    def _loads(w_base, z_base, s_base, x_base, x_mask, k, GROUP: gl.constexpr):
+        """Sub-tile k's words, zeros (int32), scales (as stored) and x, from global memory."""
+        return (gl.load(w_base + k // 8), gl.load(z_base + k // GROUP).to(gl.int32),
+                gl.load(s_base + k // GROUP), gl.load(x_base + k, mask=x_mask, other=0.0))
+
+    @gluon.jit
     def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
                  ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                  X_PAIRED: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr, zero,
@@ -282,16 +288,10 @@ if HAVE_GLUON:
         else:                            # one sub-tile a step, loads PF sub-tiles ahead in
             nsub = K // (SUBK * SPLIT_K)                # registers (the last ones wrap to the
             k_lo = pid_k * nsub * SUBK                  # split's start: valid, unused)
-            w1 = gl.load(w_base + k_lo // 8)
-            z1 = gl.load(z_base + k_lo // GROUP).to(gl.int32)
-            s1 = gl.load(s_base + k_lo // GROUP)
-            x1 = gl.load(x_base + k_lo, mask=x_mask, other=0.0)
+            w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, k_lo, GROUP)
             if PF == 2:
-                k2 = k_lo + (1 % nsub) * SUBK
-                w2 = gl.load(w_base + k2 // 8)
-                z2 = gl.load(z_base + k2 // GROUP).to(gl.int32)
-                s2 = gl.load(s_base + k2 // GROUP)
-                x2 = gl.load(x_base + k2, mask=x_mask, other=0.0)
+                w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask,
+                                        k_lo + (1 % nsub) * SUBK, GROUP)
             for i in range(nsub):
                 w = w1
                 z = z1
@@ -303,15 +303,9 @@ if HAVE_GLUON:
                     z1 = z2
                     s1 = s2
                     x1 = x2
-                    w2 = gl.load(w_base + kn // 8)
-                    z2 = gl.load(z_base + kn // GROUP).to(gl.int32)
-                    s2 = gl.load(s_base + kn // GROUP)
-                    x2 = gl.load(x_base + kn, mask=x_mask, other=0.0)
+                    w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP)
                 else:
-                    w1 = gl.load(w_base + kn // 8)
-                    z1 = gl.load(z_base + kn // GROUP).to(gl.int32)
-                    s1 = gl.load(s_base + kn // GROUP)
-                    x1 = gl.load(x_base + kn, mask=x_mask, other=0.0)
+                    w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP)
                 part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
                                 LA, LB, zero, CH)
                 acc = acc + part * gl.expand_dims(s.to(gl.float32) * 16.0, 1)
