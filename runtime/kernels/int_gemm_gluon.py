@@ -29,6 +29,8 @@ rounds once to x's dtype, as the Triton GEMM's dequantized tile does.
 """
 from __future__ import annotations
 
+import functools
+
 from runtime.kernels import int_gemv_gluon as V
 
 HAVE_GLUON = V.HAVE_GLUON
@@ -45,20 +47,11 @@ SUBK_C = V.SUBK                                        # the same, for kernels
 
 
 def order() -> list[int]:
-    """For each wgmma-logical k' in a 128-wide sub-tile, the physical k it holds."""
-    out = [0] * SUBK
-    for a in range(4):
-        for b in range(4):
-            for h in range(2):
-                for jh in range(2):
-                    for jl in range(2):
-                        phys = 8 * (4 * a + b) + 4 * h + 2 * jh + jl      # word 4a+b, code 4h+2jh+jl
-                        v2 = (((b * 4 + a) * 2 + jh) * 2 + jl) * 2 + h    # int_gemv_gluon's order
-                        bit = [(v2 >> i) & 1 for i in range(7)]            # k1 k2 k4 k8 k16 k32 k64
-                        k3 = (bit[0] | bit[3] << 1 | bit[4] << 2 | bit[1] << 3 | bit[2] << 4
-                              | bit[5] << 5 | bit[6] << 6)
-                        out[k3] = phys
-    return out
+    """For each wgmma-logical k' in a 128-wide sub-tile, the physical k it holds: physical k =
+    8 (4a + b) + 4h + 2jh + jl in int_gemv_gluon's order (b, a, jh, jl, h), then relabelled."""
+    import torch
+    v2 = torch.arange(SUBK).view(4, 4, 2, 2, 2).permute(1, 0, 3, 4, 2).reshape(SUBK)
+    return v3_relabel(v2).tolist()
 
 
 def v3_relabel(t):
@@ -175,12 +168,16 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and c["BLOCK_N"] % 64 == 0 and c["BLOCK_M"] in (64, 128, 256))
 
 
+@functools.cache
+def _order_index(device):
+    import torch
+    return torch.tensor(order(), device=device)
+
+
 def permute_x(x):
     """x [M, K] -> copy with every 128-wide K sub-tile in the kernel's order (``order()``)."""
-    import torch
     M, K = x.shape
-    idx = torch.tensor(order(), device=x.device)
-    return x.view(M, K // SUBK, SUBK).index_select(2, idx).reshape(M, K)
+    return x.view(M, K // SUBK, SUBK).index_select(2, _order_index(x.device)).reshape(M, K)
 
 
 def launch(x, t, spec, N, K, c, out=None):
