@@ -44,7 +44,7 @@ def main(args) -> None:
                 rel = float((y - ref).norm() / ref.norm())
                 us = tt.do_bench(lambda: G.launch(x, t, SPEC, N, K, c), warmup=25, rep=100) * 1e3
                 name = (f"#{i} {c['BLOCK_N']}/{c['BLOCK_K']}/sk{c['SPLIT_K']}/w{c['num_warps']}"
-                        f"/bm{c['BLOCK_M']}/pf{c['PF']}/st{c['ST']}{'/xp' if c['X_PAIRED'] else ''}")
+                        f"/bm{c['BLOCK_M']}/pf{c['PF']}/st{c['ST']}{'/xs' if c['XS'] else ''}")
                 line.append(f"{name} {us:.1f}us {nbytes / us / 1e3:.0f}GB/s"
                             + ("" if rel < 1e-2 else f" WRONG rel {rel:.2g}"))
                 if rel < 1e-2 and us < best[0]:

@@ -91,22 +91,12 @@ def report(name: str, c, dump: Path | None) -> dict:
     return row
 
 
-def compile_gluon(bn, bk, nw, dt, xp, bm=16, sk=1, pf=0, st=0, xs=False):
+def compile_gluon(kernel, c: dict, dt: str):
+    """Compile the Gluon ``kernel`` for one config dict ``c`` (constexprs + num_warps)."""
     from triton.experimental.gluon._runtime import GluonASTSource
-    from runtime.kernels import int_gemv_gluon as G
-    consts = {"GROUP": 128, "BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm,
-              "SPLIT_K": sk, "X_PAIRED": xp, "PF": pf, "ST": st, "XS": xs}
-    sig, attrs = _sig(dt, consts)
-    src = GluonASTSource(G._int4_gemv_gluon, sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": nw})
-
-
-def compile_gemm(c: dict, dt: str):
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from runtime.kernels import int_gemm_gluon as W
     consts = {"GROUP": 128, **{k: v for k, v in c.items() if k != "num_warps"}}
     sig, attrs = _sig(dt, consts)
-    src = GluonASTSource(W._int4_gemm_wgmma, sig, constexprs=consts, attrs=attrs)
+    src = GluonASTSource(kernel, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": c["num_warps"]})
 
 
@@ -119,7 +109,7 @@ def gemm_report(dump) -> bool:
         for dt in ("bf16", "fp16"):
             name = f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_{dt}"
             try:
-                row = report(name, compile_gemm(c, dt), dump)
+                row = report(name, compile_gluon(W._int4_gemm_wgmma, c, dt), dump)
             except Exception as e:                   # report and go on
                 print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
                 ok = False
@@ -157,19 +147,20 @@ def main() -> int:
             "PRMT", "HADD2", "LOP3"]
     print("kernel".ljust(34) + " ".join(c.rjust(len(c)) for c in cols))
     rows, ok = [], True
-    cfgs = [(bn, bk, 4, "bf16", xp, 16, 0) for bn in (64, 128) for bk in (128, 256) for xp in (False, True)]
-    cfgs += [(64, 256, 4, "fp16", False, 16, 0), (64, 256, 4, "bf16", False, 8, 0),
-             (128, 256, 8, "bf16", False, 16, 0)]
-    cfgs += [(bn, 128, nw, dt, False, bm, pf) for pf in (1, 2) for bn, nw, dt, bm in
+    from runtime.kernels import int_gemv_gluon as G
+    cfgs = [(G.cfg(bn, bk), "bf16") for bn in (64, 128) for bk in (128, 256)]
+    cfgs += [(G.cfg(64, 256), "fp16"), (G.cfg(64, 256, bm=8), "bf16"), (G.cfg(128, 256, nw=8), "bf16")]
+    cfgs += [(G.cfg(bn, nw=nw, bm=bm, pf=pf), dt) for pf in (1, 2) for bn, nw, dt, bm in
              ((64, 4, "bf16", 16), (128, 4, "bf16", 16), (128, 8, "bf16", 16), (64, 4, "fp16", 16),
               (64, 4, "bf16", 8))]
-    cfgs = [c + (0, False) for c in cfgs] + [(bn, bk, 4, "bf16", False, bm, 0, 4, xs) for bk in (128, 256)
-                                             for xs in (False, True) for bn, bm in ((64, 16), (128, 16), (128, 8))]
-    for bn, bk, nw, dt, xp, bm, pf, st, xs in cfgs:
-        name = (f"gluon_bn{bn}_bk{bk}_w{nw}_{dt}_bm{bm}" + ("_xp" if xp else "") + (f"_pf{pf}" if pf else "")
-                + (f"_st{st}" if st else "") + ("_xs" if xs else ""))
+    cfgs += [(G.cfg(bn, bk, bm=bm, st=4, xs=xs), "bf16") for bk in (128, 256) for xs in (False, True)
+             for bn, bm in ((64, 16), (128, 16), (128, 8))]
+    for c, dt in cfgs:
+        pf, st = c["PF"], c["ST"]
+        name = (f"gluon_bn{c['BLOCK_N']}_bk{c['BLOCK_K']}_w{c['num_warps']}_{dt}_bm{c['BLOCK_M']}"
+                + (f"_pf{pf}" if pf else "") + (f"_st{st}" if st else "") + ("_xs" if c["XS"] else ""))
         try:
-            row = report(name, compile_gluon(bn, bk, nw, dt, xp, bm, pf=pf, st=st, xs=xs), args.dump)
+            row = report(name, compile_gluon(G._int4_gemv_gluon, c, dt), args.dump)
         except Exception as e:                       # report and go on
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
             ok = False

@@ -78,24 +78,23 @@ def test_ragged_n_and_strided_out():
 @pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (4096, 1024, 4), (256, 8192, 2)])
 def test_prefetch_edges(N, K, sk, pf, st, bk, xs):
     """PF loops and the cp.async ring (x in it too with XS): fewer sub-tiles per split than the
-    prefetch distance or ring slots (the prefetch wraps), ragged N, fp16, x paired (not XS)."""
+    prefetch distance or ring slots (the prefetch wraps), ragged N, bf16 and fp16."""
     c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xs))
     if not G.valid(c, 7, N, K, SPEC):
         assert bk * sk > K
         return
-    for dtype, xp in ((torch.bfloat16, False), (torch.float16, not xs)):
+    for dtype in (torch.bfloat16, torch.float16):
         x, t, ref = _inputs(N, K, 7, dtype, seed=K + pf + st)
-        _check(G.launch(x, t, SPEC, N, K, {**c, "X_PAIRED": xp}), ref, dtype, 7, N)
+        _check(G.launch(x, t, SPEC, N, K, c), ref, dtype, 7, N)
 
 
 def test_ring_needs_two_steps_of_slots():
     """A ring of ST slots read NSUB = BLOCK_K/128 sub-tiles a step must hold 2 NSUB sub-tiles
     (the copies issued in a step may not land in a slot that step still reads); XS goes with
-    a ring, 4 warps and unpaired x."""
+    a ring and 4 warps."""
     ok = lambda c: G.valid(c, 8, 4096, 4096, SPEC)   # noqa: E731
     assert ok(G.cfg(64, 256, st=4)) and not ok(G.cfg(64, 256, st=3))
     assert ok(G.cfg(64, 128, st=2)) and ok(G.cfg(64, 128, st=4, xs=True))
-    assert not ok(G.cfg(64, 128, st=4, xs=True, xp=True))
     assert not ok(G.cfg(128, 128, st=4, xs=True, nw=8))
     assert not G.cfg(64, 128, xs=True)["XS"]                  # no ring: no XS
 

@@ -23,7 +23,8 @@ pair (codes j, j + 4) that one lop3 extracts is the low/high half of one mma reg
 
 x.T goes in as the B operand (k_width 8), in layout ``_x_layout`` over ``[16 (p), BM, 8 (code)]``
 (16-byte loads from global memory, or with XS from the cp.async ring), permuted the same way
-(X_PAIRED: the launcher first copies x into pair order, saving a PRMT per register). The
+(one PRMT per register; copying x into pair order first was slower on the H100:
+benchmarks/results/gluon-gemv-first-h100-2026-11-27.txt). The
 per-group scale (fp16 -> fp32, times 16) is applied to each sub-tile's mma result in float32;
 one sub-tile = 128 K = one quantization group, so GROUP must be a multiple of 128.
 Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (float32 partials, summed in order);
@@ -148,7 +149,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
                  ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 X_PAIRED: gl.constexpr, LA: gl.constexpr, LB: gl.constexpr, zero,
+                 LA: gl.constexpr, LB: gl.constexpr, zero,
                  CH: gl.constexpr = 1):
         """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
         operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with
@@ -162,11 +163,8 @@ if HAVE_GLUON:
                     gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
         t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
         a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)             # no data moves
-        if X_PAIRED:                     # x stored in pair order: no repacking
-            xv = gl.permute(gl.reshape(xv, [4, 4, BLOCK_M, 8]), (1, 0, 3, 2))
-        else:                            # natural order: one PRMT per mma register
-            xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                      # a b m h jh jl
-            xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                            # b a jh jl h m
+        xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                          # a b m h jh jl
+        xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                                # b a jh jl h m
         b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
         if CH == 2:                      # split on the top K bit (a register bit of both)
             a0, a1 = gl.split(gl.permute(gl.reshape(a, [BLOCK_N, 2, SUBK // 2]), (0, 2, 1)))
@@ -179,7 +177,7 @@ if HAVE_GLUON:
     def _int4_gemv_gluon(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
                          stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
                          BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-                         X_PAIRED: gl.constexpr, PF: gl.constexpr, ST: gl.constexpr,
+                         PF: gl.constexpr, ST: gl.constexpr,
                          XS: gl.constexpr, CH: gl.constexpr = 1):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
@@ -267,7 +265,7 @@ if HAVE_GLUON:
                     else:
                         xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
                     w = ring.index((i0 + u) % ST).load(LW)
-                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
+                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
                                     LA, LB, zero, CH)
                     acc = acc + part * gl.expand_dims(s * 16.0, 1)
             cp.wait_group(0)
@@ -281,7 +279,7 @@ if HAVE_GLUON:
                     w = gl.load(w_base + ks // 8)                              # [BN, 16] int32
                     z = gl.load(z_base + gi).to(gl.int32)
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)          # [16, BM, 8]
-                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
+                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
                                     LA, LB, zero, CH)
                     s = gl.load(s_base + gi).to(gl.float32) * 16.0
                     acc = acc + part * gl.expand_dims(s, 1)
@@ -306,7 +304,7 @@ if HAVE_GLUON:
                     w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP)
                 else:
                     w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP)
-                part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M, X_PAIRED,
+                part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
                                 LA, LB, zero, CH)
                 acc = acc + part * gl.expand_dims(s.to(gl.float32) * 16.0, 1)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
@@ -315,15 +313,14 @@ if HAVE_GLUON:
         o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
         gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
-def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, xp=False, pf=0, st=0, xs=False, ch=1):
-    """xp: x first copied into pair order (saves a PRMT per x register). pf: 0 = BLOCK_K blocks
-    with the sub-tiles unrolled; 1/2 = one sub-tile a step, that many sub-tiles' loads ahead in
-    registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the weights through an st-slot
-    cp.async ring (st >= 2 bk // 128); xs (with st): x through the ring too, not loaded by every
-    warp. ch 2: each sub-tile as two independent mmas over its K halves."""
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1):
+    """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step, that many
+    sub-tiles' loads ahead in registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the
+    weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through the
+    ring too, not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
+    halves."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
-            "num_warps": nw, "X_PAIRED": xp, "PF": 0 if st else pf, "ST": st,
-            "XS": bool(st and xs), "CH": ch}
+            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch}
 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
@@ -341,12 +338,6 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(1
          cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)]
 
 
-def pair_order(x):
-    """x [M, K] -> copy with each 8-wide K chunk in order 0 4 1 5 2 6 3 7 (for X_PAIRED)."""
-    M, K = x.shape
-    return x.view(M, K // 8, 2, 4).transpose(-1, -2).contiguous().view(M, K)
-
-
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
     """What this prototype handles: 4-bit, uint8 zeros, GROUP a multiple of 128 dividing K."""
     g = K if spec.group_size == -1 else spec.group_size
@@ -356,7 +347,7 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
             and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
-            and not (c.get("XS") and (nw != 4 or not c.get("ST") or c.get("X_PAIRED"))))
+            and not (c.get("XS") and (nw != 4 or not c.get("ST"))))
 
 
 def prepare(x, t, spec, N, K, c, out, fits, have=HAVE_GLUON):
@@ -383,12 +374,11 @@ def launch(x, t, spec, N, K, c, out=None):
     sk = c["SPLIT_K"]
     dst = partials(out, sk)
     grid = (triton.cdiv(N, c["BLOCK_N"]), sk)
-    xk = pair_order(x) if c.get("X_PAIRED") else x
-    _int4_gemv_gluon[grid](xk, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst,
-                           M, N, K, K // g, xk.stride(0), dst.stride(-2), K // 8, GROUP=g,
+    _int4_gemv_gluon[grid](x, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst,
+                           M, N, K, K // g, x.stride(0), dst.stride(-2), K // 8, GROUP=g,
                            BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
-                           SPLIT_K=sk, X_PAIRED=bool(c.get("X_PAIRED")), PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")), CH=c.get("CH", 1),
-                           num_warps=c["num_warps"])
+                           SPLIT_K=sk, PF=c.get("PF", 0), ST=c.get("ST", 0),
+                           XS=bool(c.get("XS")), CH=c.get("CH", 1), num_warps=c["num_warps"])
     if dst is not out:
         sum_partials(dst, out)
     return out
