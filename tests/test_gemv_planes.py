@@ -99,7 +99,7 @@ def test_the_tuner_uses_a_planes_config_only_where_it_agrees(K, monkeypatch):
     x = torch.randn(M, Kd, generator=g)
     out = torch.empty(M, N)
     cands = [G._cfg(32, 128), K.int_gemv_planes.planes_cfg(32, 128)]
-    check = G._agrees_with_tc(x, t, spec, N, Kd, 128, 8, cands, out)
+    check = G._agrees_with_tc(x, t, spec, N, Kd, 128, 8, lambda: cands, out)
     assert check(cands[0]) and check(cands[1])
     real = G.planes_launch
 
@@ -107,7 +107,7 @@ def test_the_tuner_uses_a_planes_config_only_where_it_agrees(K, monkeypatch):
         real(x, qw, s, z, dst, *a, **kw)
         dst[:, : N // 2] *= -1
     monkeypatch.setattr(G, "planes_launch", sabotaged)
-    assert not G._agrees_with_tc(x, t, spec, N, Kd, 128, 8, cands, out)(cands[1])
+    assert not G._agrees_with_tc(x, t, spec, N, Kd, 128, 8, lambda: cands, out)(cands[1])
 
 
 def test_tuner_skips_configs_its_check_rejects(monkeypatch, tmp_path):

@@ -351,3 +351,20 @@ def test_tuner_keeps_gpu_picks_on_disk(tmp_path, monkeypatch):
     assert timed == []                                      # read back, nothing timed
     assert tuning.Tuner("k").pick(key, cands[2:] + cands[:1], lambda c: True, launch, True) \
         == {"BLOCK_N": 3} and timed == [3, 1]              # stale pick not a candidate: re-tuned
+
+
+def test_tuner_builds_candidates_only_on_a_miss():
+    """A launcher may pass a function for the candidates: a cached pick never calls it."""
+    from runtime.kernels import tuning
+    built = []
+
+    def cands():
+        built.append(1)
+        return [{"BLOCK_N": 1}, {"BLOCK_N": 2}]
+    tuner, key = tuning.Tuner("k"), (1, 2)
+    assert tuner.pick(key, cands, lambda c: c["BLOCK_N"] == 2, lambda c: None, False) == {"BLOCK_N": 2}
+    assert tuner.pick(key, cands, lambda c: True, lambda c: None, False) == {"BLOCK_N": 2}
+    assert built == [1]
+    tuner.override = [{"BLOCK_N": 7}]                        # an override wins over the function
+    assert tuner.pick((3,), cands, lambda c: True, lambda c: None, False) == {"BLOCK_N": 7}
+    assert built == [1]

@@ -157,6 +157,6 @@ def int_gemm(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
-    cfg = TUNER.pick(key, candidates(mb, spec.bits), lambda c: _valid(c, N, K, spec.bits, g),
+    cfg = TUNER.pick(key, lambda: candidates(mb, spec.bits), lambda c: _valid(c, N, K, spec.bits, g),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
     return launch(x, t, spec, N, K, cfg, out)

@@ -116,6 +116,6 @@ def nf4_gemm(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     mb = m_bucket(M)
     g = group_of(spec, K)
     key = (N, K, mb, spec.fmt, g, spec.double_quant, x.dtype)
-    cfg = TUNER.pick(key, candidates(mb), lambda c: _valid(c, K, g),
+    cfg = TUNER.pick(key, lambda: candidates(mb), lambda c: _valid(c, K, g),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
     return launch(x, t, spec, N, K, cfg, out)

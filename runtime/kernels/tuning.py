@@ -122,15 +122,20 @@ class Tuner:
         self.timings: dict[tuple, list[tuple[Config, float]]] = {}
         self.verbose = bool(os.environ.get("EXA_TUNE_VERBOSE"))
 
-    def pick(self, key: tuple, candidates: Sequence[Config], valid: Callable[[Config], bool],
-             launch: Callable[[Config], None], on_gpu: bool,
+    def pick(self, key: tuple, candidates: Sequence[Config] | Callable[[], Sequence[Config]],
+             valid: Callable[[Config], bool], launch: Callable[[Config], None], on_gpu: bool,
              check: Callable[[Config], bool] | None = None) -> Config:
         """The config for ``key``; times ``launch(cfg)`` for each valid candidate the first time
-        (those ``check`` accepts, when given)."""
+        (those ``check`` accepts, when given). ``candidates`` may be a function returning them:
+        it is then called only when ``key`` is not picked yet (the launchers' per-call cost)."""
         cfg = self.cache.get(key)
         if cfg is not None:
             return cfg
-        cands = [c for c in (self.override if self.override is not None else candidates) if valid(c)]
+        if self.override is not None:
+            candidates = self.override
+        elif callable(candidates):
+            candidates = candidates()
+        cands = [c for c in candidates if valid(c)]
         persist = on_gpu and self.override is None and len(cands) > 1
         if persist:
             stored = _read_cache().get(_scope(self.name), {}).get(repr(key))
