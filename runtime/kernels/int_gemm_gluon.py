@@ -161,10 +161,8 @@ CONFIGS = [cfg(64, 128), cfg(64, 256, st=2), cfg(64, 64, st=4), cfg(128, 64, st=
 
 
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
-    """4-bit, uint8 zeros, GROUP a multiple of 128 dividing K; one warpgroup (4 warps)."""
-    g = K if spec.group_size == -1 else spec.group_size
-    return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
-            and g % SUBK == 0 and K % g == 0 and c["num_warps"] == 4 and c["ST"] >= 2
+    """Weights ``V.format_fits`` takes; one warpgroup (4 warps)."""
+    return (V.format_fits(spec, K) and c["num_warps"] == 4 and c["ST"] >= 2
             and c["BLOCK_N"] % 64 == 0 and c["BLOCK_M"] in (64, 128, 256))
 
 

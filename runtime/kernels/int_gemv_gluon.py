@@ -338,12 +338,19 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(1
          cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)]
 
 
+def format_fits(spec, K: int) -> bool:
+    """The weights both Gluon kernels take: 4-bit int, uint8 zeros, GROUP a multiple of 128
+    dividing K."""
+    g = K if spec.group_size == -1 else spec.group_size
+    return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
+            and g % SUBK_K == 0 and K % g == 0)
+
+
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
-    """What this prototype handles: 4-bit, uint8 zeros, GROUP a multiple of 128 dividing K."""
+    """Whether config ``c`` runs these weights (``format_fits``) at this M, N, K."""
     g = K if spec.group_size == -1 else spec.group_size
     bn, bk, sk, nw = c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"], c["num_warps"]
-    return (spec.fmt == "int" and spec.bits == 4 and not spec.sym and spec.zero_mode == "int"
-            and g % SUBK_K == 0 and K % g == 0 and bk % SUBK_K == 0 and K % (bk * sk) == 0
+    return (format_fits(spec, K) and bk % SUBK_K == 0 and K % (bk * sk) == 0
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
             and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
