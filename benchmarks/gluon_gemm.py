@@ -1,8 +1,8 @@
-"""First timing of the wgmma prefill prototype (runtime/kernels/int_gemm_gluon.py) beside the
-tuned ``int_gemm`` and cuBLAS bf16 on the unquantized weights, on one sm_90 GPU: microseconds
-(triton.testing.do_bench medians; every weight matrix here is larger than L2) and the fraction
-of cuBLAS. The prototype's times include its per-call copy of x into its K order. Checks each
-config against the reference first.
+"""Every config of the wgmma prefill kernel (runtime/kernels/int_gemm_gluon.py) beside the
+tuned ``int_gemm`` (with EXA_GEMM_GLUON=0: the Triton kernel alone) and cuBLAS bf16 on the
+unquantized weights, on one sm_90 GPU: microseconds (triton.testing.do_bench medians; every
+weight matrix here is larger than L2) and the fraction of cuBLAS. The wgmma kernel's times
+include its per-call copy of x into its K order. Checks each config against the reference first.
 
     python3 benchmarks/gluon_gemm.py [--shapes 28672x8192,8192x28672] [--m 256,512,2048]
 """
@@ -46,7 +46,7 @@ def main(args) -> None:
                     continue
                 rel = float((y - ref).norm() / ref.norm())
                 us = tt.do_bench(lambda: W.launch(x, t, SPEC, N, K, c), warmup=25, rep=100) * 1e3
-                line.append(f"bn{c['BLOCK_N']}/bm{c['BLOCK_M']}/st{c['ST']} {us:.1f}us {cub / us:.0%}"
+                line.append(f"bn{c['BLOCK_N']}/bm{c['BLOCK_M']}/st{c['ST']}/sk{c['SPLIT_K']} {us:.1f}us {cub / us:.0%}"
                             + ("" if rel < 1e-2 else f" WRONG rel {rel:.2g}"))
             print(" | ".join(line), flush=True)
 

@@ -38,11 +38,20 @@ ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "K", "stride_xm", "st
            "stride_qw")                        # what the JIT specializes at a real launch
 
 
-def _sig(dt: str, consts: dict) -> tuple[dict, dict]:
-    types = ["*" + dt, "*i32", "*fp16", "*u8", "*" + dt] + ["i32"] * 7
-    sig = dict(zip(ARGS, types))
+GEMM_ARGS = ARGS[:5] + ["fin_ptr", "cnt_ptr"] + ARGS[5:11] + ["stride_fin", "stride_qw"]
+
+
+def _sig(dt: str, consts: dict, gemm: bool = False) -> tuple[dict, dict]:
+    """The GEMV's signature, or (``gemm``) the wgmma GEMM's: its ``out_ptr`` is the float32
+    workspace when K is split (SPLIT_K > 1, with FIXUP), ``fin_ptr`` the output."""
+    names = GEMM_ARGS if gemm else ARGS
+    split = gemm and consts.get("SPLIT_K", 1) > 1
+    types = {"x_ptr": "*" + dt, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+             "out_ptr": "*fp32" if split else "*" + dt, "fin_ptr": "*" + dt, "cnt_ptr": "*i32"}
+    sig = {a: types.get(a, "i32") for a in names}
     sig.update({k: "constexpr" for k in consts})
-    attrs = {(ARGS.index(a),): DIV16 for a in ALIGNED}
+    attrs = {(names.index(a),): DIV16 for a in ALIGNED + ("fin_ptr", "cnt_ptr", "stride_fin")
+             if a in names}
     return sig, attrs
 
 
@@ -60,10 +69,14 @@ def sass_counts(cubin: bytes) -> tuple[dict, str]:
     ops = Counter(m.group(1).split(".")[0] for m in
                   re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass))
     out = {k: ops.get(k, 0) for k in ("STS", "LDS", "LDSM", "HMMA", "LDG", "PRMT", "HADD2", "LOP3")}
+    out["LDGSTS"] = ops.get("LDGSTS", 0)                # cp.async: all 16-byte (.128) wanted
+    out["LDGSTS<16B"] = len(re.findall(r"LDGSTS(?!\.E\.BYPASS\.128)", sass))
     reg = re.search(r"REG:(\d+)", res)
     shm = re.search(r"SHARED:(\d+)", res)
     out["REG"] = int(reg.group(1)) if reg else None
     out["SHARED"] = int(shm.group(1)) if shm else None
+    loc = re.search(r"LOCAL:(\d+)", res)
+    out["LOCAL"] = int(loc.group(1)) if loc else None      # > 0: registers spilled
     return out, sass
 
 
@@ -91,11 +104,13 @@ def report(name: str, c, dump: Path | None) -> dict:
     return row
 
 
-def compile_gluon(kernel, c: dict, dt: str):
+def compile_gluon(kernel, c: dict, dt: str, gemm: bool = False):
     """Compile the Gluon ``kernel`` for one config dict ``c`` (constexprs + num_warps)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     consts = {"GROUP": 128, **{k: v for k, v in c.items() if k != "num_warps"}}
-    sig, attrs = _sig(dt, consts)
+    if gemm:
+        consts["FIXUP"] = c["SPLIT_K"] > 1
+    sig, attrs = _sig(dt, consts, gemm)
     src = GluonASTSource(kernel, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": c["num_warps"]})
 
@@ -107,17 +122,21 @@ def gemm_report(dump) -> bool:
     ok = True
     for c in W.CONFIGS:
         for dt in ("bf16", "fp16"):
-            name = f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_{dt}"
+            name = f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}_{dt}"
             try:
-                row = report(name, compile_gluon(W._int4_gemm_wgmma, c, dt), dump)
+                row = report(name, compile_gluon(W._int4_gemm_wgmma, c, dt, gemm=True), dump)
             except Exception as e:                   # report and go on
                 print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
                 ok = False
                 continue
-            good = row["wgmma"] > 0 and row["st.shared"] == 0 and row.get("STS", 0) == 0
+            sts = 1 if c["SPLIT_K"] > 1 else 0            # the fixup's atomic, broadcast
+            good = (row["wgmma"] > 0 and row["st.shared"] == sts and row.get("STS", 0) == sts
+                    and row.get("LDGSTS<16B", 0) == 0 and not row.get("LOCAL"))
             print(f"{name}: shared {row['shared']} REG {row.get('REG')} wgmma {row['wgmma']} "
                   f"st.shared {row['st.shared']} ld.shared {row['ld.shared']} "
-                  f"convert_layout {row['convert_layout']} {'ok' if good else 'FAIL'}")
+                  f"convert_layout {row['convert_layout']} cp.async<16B {row.get('LDGSTS<16B')} "
+                  f"spilled {row.get('LOCAL')} "
+                  f"{'ok' if good else 'FAIL'}")
             ok &= good
     return ok
 

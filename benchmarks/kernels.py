@@ -17,6 +17,7 @@ same shape. Decode rows report weight GB/s as a fraction of HBM; prefill rows TF
 fraction of cuBLAS.
 
     python benchmarks/kernels.py --out kernels.json [--m 1,4,16,256,2048] [--shapes 4096x4096,...]
+                                 [--formats exa-int4-g128,exa-nf4-b64] [--no-bnb]
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def copies_for(nbytes: int) -> int:
     return max(1, math.ceil(ROTATE_BYTES / max(nbytes, 1)))
 
 
-def run_shape(N: int, K: int, m_values, bnb, rows: list, gen) -> None:
+def run_shape(N: int, K: int, m_values, bnb, rows: list, gen, specs=SPECS) -> None:
     dev = "cuda"
     xs = {M: torch.randn(M, K, device=dev, generator=gen).to(torch.bfloat16) for M in m_values}
     # ---- torch bf16 (cuBLAS)
@@ -90,7 +91,7 @@ def run_shape(N: int, K: int, m_values, bnb, rows: list, gen) -> None:
         cublas_ms[M] = ms
         rows.append(dict(N=N, K=K, M=M, impl="torch-bf16", ms=ms, bytes=N * K * 2, err=0.0))
     # ---- exa kernels
-    for name, spec in SPECS.items():
+    for name, spec in specs.items():
         ts = [R.random_quantized(spec, N, K, device=dev, generator=gen)]
         nbytes = packed_bytes(ts[0])
         ts += [R.random_quantized(spec, N, K, device=dev, generator=gen)
@@ -162,11 +163,16 @@ def main(argv=None) -> int:
     ap.add_argument("--m", default=",".join(map(str, M_VALUES)))
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--formats", default=",".join(SPECS), help="of " + ", ".join(SPECS))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU")
         return 1
     m_values = [int(v) for v in args.m.split(",")]
+    unknown = set(args.formats.split(",")) - set(SPECS)
+    if unknown:
+        ap.error(f"unknown --formats {sorted(unknown)}; known: {', '.join(SPECS)}")
+    specs = {k: v for k, v in SPECS.items() if k in args.formats.split(",")}
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     bnb = None
     if not args.no_bnb:
@@ -183,7 +189,7 @@ def main(argv=None) -> int:
     rows: list = []
     t0 = time.time()
     for N, K in shapes:
-        run_shape(N, K, m_values, bnb, rows, gen)
+        run_shape(N, K, m_values, bnb, rows, gen, specs)
         print(f"  {N}x{K} done at {time.time() - t0:.0f} s", flush=True)
     hbm_after = hbm_bandwidth()
     summarize(rows, hbm)

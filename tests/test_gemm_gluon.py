@@ -43,7 +43,9 @@ def test_k_order_keeps_the_product():
 def test_valid():
     ok = lambda c, K=4096: W.valid(c, 256, 4096, K, SPEC)   # noqa: E731
     assert all(ok(c) for c in W.CONFIGS)
-    assert not ok(W.cfg(nw=8)) and not ok(W.cfg(st=1)) and not ok(W.cfg(bm=32))
+    assert ok(W.cfg(128, 64, nw=4)) and ok(W.cfg(128, 128, nw=8))
+    assert not ok(W.cfg(nw=8)) and not ok(W.cfg(128, nw=16)) and not ok(W.cfg(st=1))
+    assert not ok(W.cfg(bm=32))
     assert not W.valid(W.cfg(), 256, 4096, 4096, QuantSpec("int", 4, 64, zero_mode="int"))
     assert not W.valid(W.cfg(), 256, 4096, 4096, QuantSpec("int", 8, 128, zero_mode="int"))
 
@@ -66,3 +68,60 @@ def test_against_reference(c, dtype, N, K, M):
     assert y.shape == (M, N) and y.dtype == dtype and bool(torch.isfinite(y.float()).all())
     rel = float((y.float() - ref).norm() / ref.norm())
     assert rel < (1e-2 if dtype == torch.bfloat16 else 3e-3), rel
+
+
+def test_int_gemm_offers_the_tuned_configs_only_where_asked():
+    from runtime.kernels import int_gemm as G
+    glu = lambda cs: [c for c in cs if c.get("GLUON")]   # noqa: E731
+    assert len(glu(G.candidates(256, 4, gluon=True))) == len(W.TUNED)
+    assert len(glu(G.candidates(64, 4, gluon=True))) == len(W.TUNED)
+    assert not glu(G.candidates(256, 4)) and not glu(G.candidates(2048, 4, gluon=True))
+    assert not glu(G.candidates(256, 8, gluon=True)) and not glu(G.candidates(32, 4, gluon=True))
+    c = glu(G.candidates(256, 4, gluon=True))[0]
+    assert not G._valid(c, 4096, 4096, 4, 128)                       # needs the spec
+    assert G._valid(c, 4096, 4096, 4, 128, 256, SPEC)
+    assert not G._valid(c, 4096, 4096, 4, 64, 256, QuantSpec("int", 4, 64, zero_mode="int"))
+    assert all(W.valid(t, 256, 4096, 4096, SPEC) for t in W.TUNED)
+    assert all(t in W.CONFIGS for t in W.TUNED)
+    assert not G.gluon_on(torch.zeros(2, 2, dtype=torch.bfloat16))      # a CPU tensor
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+def test_int_gemm_tunes_with_the_wgmma_kernel(tmp_path, monkeypatch):
+    """Through int_gemm's tuner with a fresh cache: the Gluon configs pass the agreement check
+    (they are timed) and the pick, whichever it is, matches the reference."""
+    from runtime.kernels import int_gemm as G
+    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(G.TUNER, "cache", {})
+    monkeypatch.setattr(G.TUNER, "timings", {})
+    N, K, M = 2048, 4096, 200
+    g = torch.Generator(device="cuda").manual_seed(5)
+    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    y = G.int_gemm(x, t, SPEC, N, K)
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    (timed,) = G.TUNER.timings.values()
+    assert sum(1 for c, _ in timed if c.get("GLUON")) == len(W.TUNED)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+@pytest.mark.parametrize("sk", [2, 4])
+def test_split_k_fixup(sk, monkeypatch):
+    """Split K: the tile's last program adds the partials (counters left at zero, the result
+    bit-identical run to run); with no counters (as in a graph capture) torch adds them."""
+    from runtime.kernels import splitk
+    c = W.cfg(128, 256, st=2, nw=8, sk=sk)
+    N, K, M = 1000, 4096, 300                        # ragged N and M: masked tiles
+    g = torch.Generator(device="cuda").manual_seed(sk)
+    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    y1, y2 = W.launch(x, t, SPEC, N, K, c), W.launch(x, t, SPEC, N, K, c)
+    assert torch.equal(y1, y2) and float((y1.float() - ref).norm() / ref.norm()) < 1e-2
+    assert int(splitk.counters(x.device, 64).abs().sum()) == 0
+    monkeypatch.setattr(splitk, "fused_counters", lambda *a: None)
+    y3 = W.launch(x, t, SPEC, N, K, c)
+    assert float((y3.float() - ref).norm() / ref.norm()) < 1e-2

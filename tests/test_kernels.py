@@ -368,3 +368,21 @@ def test_tuner_builds_candidates_only_on_a_miss():
     tuner.override = [{"BLOCK_N": 7}]                        # an override wins over the function
     assert tuner.pick((3,), cands, lambda c: True, lambda c: None, False) == {"BLOCK_N": 7}
     assert built == [1]
+
+
+def test_agrees_with_checks_suspects_against_the_base_once():
+    """tuning.agrees_with: a suspect config passes only if its output is close to the base
+    config's (computed once); other configs pass without running; no base: all pass."""
+    from runtime.kernels import tuning
+    outs = {"base": torch.ones(4, 4), "good": torch.ones(4, 4) * 1.01,
+            "bad": torch.ones(4, 4) * 1.5, "nan": torch.full((4, 4), float("nan"))}
+    ran = []
+
+    def run(c):
+        ran.append(c["name"])
+        return outs[c["name"]]
+    check = tuning.agrees_with(lambda: {"name": "base"}, lambda c: c["name"] != "base", run)
+    assert check({"name": "good"}) and not check({"name": "bad"}) and not check({"name": "nan"})
+    assert check({"name": "base"})
+    assert ran == ["base", "good", "bad", "nan"]
+    assert tuning.agrees_with(lambda: None, lambda c: True, run)({"name": "bad"})

@@ -11,9 +11,13 @@ Programs are ordered in groups of GROUP_M row tiles so that concurrently running
 weight tiles in L2. SPLIT_K > 1 (for long K and few tiles: more programs per SM) writes
 float32 partial sums, added afterwards in a fixed order (deterministic). From M bucket
 DEQUANT_MIN_M the tuner also times dequantize + cuBLAS (``dequant.py``) and keeps whichever is
-faster.
+faster. On an sm_90 GPU, for M buckets GLUON_M, it also times the wgmma kernel of
+``int_gemm_gluon.py`` (4-bit int weights with uint8 zeros, bf16/fp16 x; ``EXA_GEMM_GLUON=0``
+turns it off), kept only if its output matches a Triton config's on the same inputs.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,11 +27,12 @@ from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile
 from runtime.kernels.dequant import dequant_candidates, dequant_matmul
 from runtime.kernels.splitk import partials, sum_partials
-from runtime.kernels.tuning import Tuner, interpreting, m_bucket
+from runtime.kernels.tuning import Tuner, agrees_with, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
 TUNER = Tuner("int_gemm")
 DEQUANT_MIN_M = 128       # M buckets from here also time dequantize + cuBLAS (dequant.py)
+GLUON_M = (64, 512)       # M buckets that also time the wgmma kernel (int_gemm_gluon.py)
 
 
 @triton.jit
@@ -99,22 +104,41 @@ def _cfg(bm, bn, bk, swap=False, nw=8, ns=3, gm=8, sk=1):
             "num_warps": nw, "num_stages": ns, "SPLIT_K": sk}
 
 
-def candidates(M: int, bits: int) -> list[dict]:
-    """Default configs for the M bucket (a short list: each is compiled and timed once)."""
+def candidates(M: int, bits: int, gluon: bool = False) -> list[dict]:
+    """Default configs for the M bucket (a short list: each is compiled and timed once); with
+    ``gluon`` (``gluon_on``), the wgmma kernel's tuned configs too in the GLUON_M buckets."""
+    extra = ([{**c, "GLUON": True} for c in _gluon().TUNED]
+             if gluon and bits == 4 and GLUON_M[0] <= M <= GLUON_M[1] else [])
     if M <= 64:
         return [_cfg(32, 128, 64, True, 4, 3), _cfg(64, 128, 64, True, 4, 3),
                 _cfg(64, 64, 128, True, 4, 3), _cfg(32, 64, 128, True, 4, 4),
-                _cfg(64, 128, 64, False, 4, 3)]
+                _cfg(64, 128, 64, False, 4, 3)] + extra
     return [_cfg(128, 128, 64, False, 8, 3), _cfg(128, 128, 64, True, 8, 3),
             _cfg(256, 128, 64, True, 8, 3), _cfg(128, 128, 128, False, 8, 2),
             _cfg(128, 64, 64, True, 4, 4), _cfg(256, 128, 64, True, 8, 4, gm=16),
             _cfg(128, 256, 64, True, 8, 3), _cfg(128, 64, 64, True, 4, 4, sk=2),
             _cfg(128, 64, 64, True, 4, 4, sk=4), _cfg(256, 128, 64, True, 8, 4, sk=2),
             _cfg(128, 128, 128, False, 8, 2, sk=2)] \
-        + (dequant_candidates() if M >= DEQUANT_MIN_M else [])
+        + (dequant_candidates() if M >= DEQUANT_MIN_M else []) + extra
 
 
-def _valid(cfg: dict, N: int, K: int, bits: int, group: int) -> bool:
+def _gluon():
+    """The wgmma kernel's module, imported only when asked for (it costs start-up time)."""
+    from runtime.kernels import int_gemm_gluon
+    return int_gemm_gluon
+
+
+def gluon_on(x: torch.Tensor) -> bool:
+    """Whether the tuner is offered the wgmma kernel for x: a CUDA tensor on an sm_90 GPU, bf16
+    or fp16, triton with Gluon, and ``EXA_GEMM_GLUON`` not 0."""
+    return (os.environ.get("EXA_GEMM_GLUON", "1") != "0" and x.is_cuda and not interpreting()
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(x.device) == (9, 0) and _gluon().HAVE_GLUON)
+
+
+def _valid(cfg: dict, N: int, K: int, bits: int, group: int, M: int = 0, spec=None) -> bool:
+    if cfg.get("GLUON"):
+        return spec is not None and _gluon().valid(cfg, M, N, K, spec)
     if cfg.get("DEQUANT"):
         return True                      # every shape dispatch.supported admits
     cpw = 16 if bits == 3 else 32 // bits
@@ -130,6 +154,8 @@ def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
     if cfg.get("DEQUANT"):
         return dequant_matmul(x, t, spec, N, K, cfg, out)
+    if cfg.get("GLUON"):
+        return _gluon().launch(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     g = group_of(spec, K)
     mode = mode_of(spec)
@@ -157,6 +183,12 @@ def int_gemm(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
-    cfg = TUNER.pick(key, lambda: candidates(mb, spec.bits), lambda c: _valid(c, N, K, spec.bits, g),
-                     lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda)
+    cands = lambda: candidates(mb, spec.bits, gluon_on(x))   # noqa: E731 - on a tuner miss only
+
+    def base():                          # the Triton config a GLUON one must agree with
+        return next((c for c in cands() if not c.get("GLUON") and not c.get("DEQUANT")
+                     and _valid(c, N, K, spec.bits, g)), None)
+    run = lambda c: launch(x, t, spec, N, K, c, out)   # noqa: E731
+    cfg = TUNER.pick(key, cands, lambda c: _valid(c, N, K, spec.bits, g, M, spec), run, x.is_cuda,
+                     check=agrees_with(base, lambda c: bool(c.get("GLUON")), run))
     return launch(x, t, spec, N, K, cfg, out)

@@ -1,8 +1,9 @@
 """Gluon prototype of the prefill GEMM for 4-bit ``int`` weights with uint8 zeros on Hopper
 (sm_90): ``out.T [N, BM] = W [N, K] @ x.T [K, BM]`` with W, dequantized and scaled in
 registers, as the register A operand of ``warpgroup_mma`` (wgmma) and x tiles as its shared
-memory B operand. Not dispatched yet: compiled offline (``benchmarks/gluon_offline.py
---gemm``), its CUDA tests (tests/test_gemm_gluon.py) have not run on a GPU.
+memory B operand. ``int_gemm``'s tuner times the ``TUNED`` configs on sm_90 GPUs for M buckets
+64-512 (``int_gemm.GLUON_M``). Offline compile report: ``benchmarks/gluon_offline.py --gemm``;
+first timings: ``benchmarks/gluon_gemm.py``.
 
 Why: the Triton GEMM (``int_gemm.py``) reaches 49-56% of cuBLAS bf16 at M = 256 on three of
 the Llama shapes; there the dequantized tile goes to shared memory for a layout change before
@@ -24,6 +25,12 @@ conversion is a register renaming. The dot is invariant under a permutation of K
 both operands, so x is copied once per call into the same order (``order()``), then read by
 plain 16-byte ``cp.async`` copies into a 128-byte-swizzled tile.
 
+Each sub-tile's wgmma is waited for (wait 0) before the next tile is built. With wait(1) the
+next tile would be built while the previous wgmma still reads its A registers; ``deps`` of
+``warpgroup_mma_wait`` keep the 16-bit values alive, not the packed 32-bit registers wgmma
+reads, and ptxas reused those for other values (seen in the sm_90 SASS). Overlap comes from the
+other CTA or warpgroups on the SM instead.
+
 Scales: ``(q - z) / 16`` is exact in bf16/fp16 (as in the GEMV); one ``mul.rn`` by ``16 s``
 rounds once to x's dtype, as the Triton GEMM's dequantized tile does.
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 import functools
 
 from runtime.kernels import int_gemv_gluon as V
+from runtime.kernels.splitk_gluon import finish_tile
 
 HAVE_GLUON = V.HAVE_GLUON
 try:                                                   # hopper ops: triton >= 3.5 (written for 3.6)
@@ -93,9 +101,10 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK_C]), LA)          # registers renamed
 
     @gluon.jit
-    def _int4_gemm_wgmma(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
-                         stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
-                         BLOCK_M: gl.constexpr, ST: gl.constexpr):
+    def _int4_gemm_wgmma(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, fin_ptr, cnt_ptr, M, N, K, G,
+                         stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ST: gl.constexpr,
+                         SPLIT_K: gl.constexpr, FIXUP: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -113,17 +122,19 @@ if HAVE_GLUON:
         num_m = gl.cdiv(M, BLOCK_M)                    # they share the weight tile in L2
         pid_m = pid % num_m
         pid_n = pid // num_m
+        nsub = K // SPLIT_K // SUBK_C                  # sub-tiles in this program's slice of K
+        k0 = gl.program_id(1) * nsub * SUBK_C          # (so: a multiple of 128, 16-byte copies)
         rows_w = (pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW))) % N
         offs_p = gl.arange(0, 16, layout=gl.SliceLayout(0, LW))
-        w_base = qw_ptr + gl.expand_dims(rows_w * stride_qw, 1) + gl.expand_dims(offs_p, 0)
+        w_base = (qw_ptr + k0 // 8 + gl.expand_dims(rows_w * stride_qw, 1)
+                  + gl.expand_dims(offs_p, 0))
         zs_off = rows_w * G
         xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LXC))
         xk = gl.arange(0, SUBK_C, layout=gl.SliceLayout(0, LXC))
-        x_base = x_ptr + gl.expand_dims((xm % M) * stride_xm, 1) + gl.expand_dims(xk, 0)
+        x_base = x_ptr + k0 + gl.expand_dims((xm % M) * stride_xm, 1) + gl.expand_dims(xk, 0)
         wring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],
                                           gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         xring = gl.allocate_shared_memory(DT, [ST, BLOCK_M, SUBK_C], SX)
-        nsub = K // SUBK_C
         D: gl.constexpr = ST - 1
         for j in gl.static_range(D):
             kj = (j % nsub) * SUBK_C
@@ -136,7 +147,7 @@ if HAVE_GLUON:
             cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
             cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
             cp.commit_group()
-            gi = (i * SUBK_C) // GROUP
+            gi = (k0 + i * SUBK_C) // GROUP
             z = gl.load(z_ptr + zs_off + gi).to(gl.int32)
             s = gl.load(s_ptr + zs_off + gi)
             cp.wait_group(D)
@@ -147,23 +158,42 @@ if HAVE_GLUON:
         cp.wait_group(0)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        o_ptrs = out_ptr + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1)
-        o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_n, 1) < N)
-        gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if FIXUP:                                      # the tile's last split adds them up
+            finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid, gl.program_id(1), offs_n, offs_m,
+                        pid_n * BLOCK_N, pid_m * BLOCK_M, M, N, stride_fin, SPLIT_K)
+        else:                                          # the output, or (split K) a partial
+            o_ptrs = (out_ptr + gl.program_id(1) * M * stride_om
+                      + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1))
+            o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_n, 1) < N)
+            gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def cfg(bn=64, bm=128, st=3, nw=4):
-    return {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "num_warps": nw}
+def cfg(bn=64, bm=128, st=3, nw=4, sk=1):
+    return {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "SPLIT_K": sk, "num_warps": nw}
 
 
-# (BLOCK_N 128 with BLOCK_M 128 spills registers when compiled for sm_90: not listed.)
-CONFIGS = [cfg(64, 128), cfg(64, 256, st=2), cfg(64, 64, st=4), cfg(128, 64, st=4)]
+# One warpgroup (4 warps) per 64 rows of W. Each CTA reads all of its x rows from L2 for only
+# BLOCK_N rows of W, so BLOCK_N x BLOCK_M sets the L2 traffic per flop: 2 BN BM / (2 BM + BN / 2)
+# flop per byte, 60 at 64 x 256, 114 at 128 x 256. (BLOCK_N 128 on one warpgroup with BLOCK_M
+# 128 spills registers when compiled for sm_90: not listed.)
+# SPLIT_K > 1 (float32 partials, added afterwards in a fixed order) gives the shapes with few
+# row blocks (N 4096-8192 at BLOCK_N 128) enough programs to fill the SMs.
+CONFIGS = [cfg(64, 128), cfg(64, 256, st=2), cfg(64, 64, st=4), cfg(128, 64, st=4),
+           cfg(128, 128, nw=8), cfg(128, 256, st=2, nw=8), cfg(256, 128, nw=16),
+           cfg(256, 64, st=4, nw=16), cfg(64, 128, sk=2), cfg(64, 256, st=2, sk=2),
+           cfg(128, 256, st=2, nw=8, sk=2), cfg(128, 256, st=2, nw=8, sk=4)]
+# What int_gemm's tuner times: those its tuner picked at M = 256 on an H100 for the six Llama
+# shapes of benchmarks/kernels.py (2026-11-27; benchmarks/results/kernels-wgmma*).
+# (64 x 128 split 2, the fastest on 4096x4096 by triton.testing.do_bench, is tried as well.)
+TUNED = [cfg(64, 64, st=4), cfg(64, 256, st=2), cfg(128, 256, st=2, nw=8),
+         cfg(128, 256, st=2, nw=8, sk=2), cfg(128, 256, st=2, nw=8, sk=4), cfg(64, 128, sk=2)]
 
 
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
-    """Weights ``V.format_fits`` takes; one warpgroup (4 warps)."""
-    return (V.format_fits(spec, K) and c["num_warps"] == 4 and c["ST"] >= 2
-            and c["BLOCK_N"] % 64 == 0 and c["BLOCK_M"] in (64, 128, 256))
+    """Weights ``V.format_fits`` takes; 64 rows of W per warpgroup (4 warps)."""
+    return (V.format_fits(spec, K) and c["num_warps"] in (4, 8, 16) and c["ST"] >= 2
+            and K % (SUBK * c["SPLIT_K"]) == 0
+            and c["BLOCK_N"] % (16 * c["num_warps"]) == 0 and c["BLOCK_M"] in (64, 128, 256))
 
 
 @functools.cache
@@ -182,11 +212,18 @@ def launch(x, t, spec, N, K, c, out=None):
     """Run one config: x [M, K] (bf16/fp16) -> out [M, N] in x.dtype (sm_90 only)."""
     import torch
     import triton
+    from runtime.kernels.splitk import fused_counters, partials, sum_partials
     M, g, out = V.prepare(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
     xp = permute_x(x.contiguous())
-    grid = (triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(M, c["BLOCK_M"]),)
-    _int4_gemm_wgmma[grid](xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], out,
-                           M, N, K, K // g, xp.stride(0), out.stride(0), K // 8, GROUP=g,
-                           BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"],
-                           num_warps=c["num_warps"])
+    sk = c["SPLIT_K"]
+    dst = partials(out, sk)                            # float32 [sk, M, N] when K is split
+    tiles = triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(M, c["BLOCK_M"])
+    cnt = fused_counters({**c, "FIXUP": True}, x.device, tiles)   # None: not split (or capturing)
+    _int4_gemm_wgmma[(tiles, sk)](
+        xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst, out,
+        dst if cnt is None else cnt, M, N, K, K // g, xp.stride(0), dst.stride(-2), out.stride(0),
+        K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"], SPLIT_K=sk,
+        FIXUP=cnt is not None, num_warps=c["num_warps"])
+    if cnt is None:
+        sum_partials(dst, out)                         # partials added in a fixed order
     return out

@@ -21,7 +21,7 @@ from runtime.kernels.common import check_int_inputs, group_of, mode_of
 from runtime.kernels.int_gemv_planes import planes_candidates, planes_launch, planes_on, planes_valid
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
 from runtime.kernels.splitk import fused_counters, partials, sum_partials
-from runtime.kernels.tuning import Tuner, interpreting, m_bucket
+from runtime.kernels.tuning import Tuner, agrees_with, interpreting, m_bucket
 from runtime.quant.spec import QuantSpec
 
 TUNER = Tuner("int_gemv")
@@ -139,23 +139,12 @@ def launch(x, t, spec, N, K, cfg, out=None):
 def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
     """``check`` for the tuner: a PLANES or GLUON config (not measured on every GPU) is used only if
     its output matches the first valid tensor-core config's among ``cands()`` on these inputs
-    (relative difference below 3e-2: bf16 rounding of two correct sums is ~5e-3). Other configs
-    pass."""
-    state: dict = {}
-
-    def check(c: dict) -> bool:
-        if not (c.get("PLANES") or c.get("GLUON")):
-            return True
-        if "ref" not in state:
-            base = next((b for b in cands() if not b.get("PLANES") and not b.get("SIMT") and not b.get("GLUON")
-                         and _valid(b, mb, N, K, spec.bits, g)), None)
-            state["ref"] = None if base is None else launch(x, t, spec, N, K, base, out).float().clone()
-        ref = state["ref"]
-        if ref is None:
-            return True
-        y = launch(x, t, spec, N, K, c, out).float()
-        return bool(torch.isfinite(y).all()) and float((y - ref).norm()) <= 3e-2 * float(ref.norm())
-    return check
+    (relative difference below 3e-2: bf16 rounding of two correct sums is ~5e-3)."""
+    def base():
+        return next((b for b in cands() if not b.get("PLANES") and not b.get("SIMT")
+                     and not b.get("GLUON") and _valid(b, mb, N, K, spec.bits, g)), None)
+    return agrees_with(base, lambda c: bool(c.get("PLANES") or c.get("GLUON")),
+                       lambda c: launch(x, t, spec, N, K, c, out))
 
 
 def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> torch.Tensor:

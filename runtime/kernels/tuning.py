@@ -37,6 +37,28 @@ def interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def agrees_with(base: Callable[[], Config | None], suspect: Callable[[Config], bool],
+                run: Callable[[Config], torch.Tensor], tol: float = 3e-2) -> Callable[[Config], bool]:
+    """A ``check`` for :meth:`Tuner.pick`: a ``suspect`` config (an experimental kernel) passes
+    only if ``run(cfg)`` is finite and within relative difference ``tol`` (norm-wise) of
+    ``run(base())``, the established kernel's output on the same inputs (run once, when first
+    needed; with no base config every config passes). Other configs pass unchecked."""
+    state: dict = {}
+
+    def check(c: Config) -> bool:
+        if not suspect(c):
+            return True
+        if "ref" not in state:
+            b = base()
+            state["ref"] = None if b is None else run(b).float().clone()
+        ref = state["ref"]
+        if ref is None:
+            return True
+        y = run(c).float()
+        return bool(torch.isfinite(y).all()) and float((y - ref).norm()) <= tol * float(ref.norm())
+    return check
+
+
 def m_bucket(M: int) -> int:
     """The power of two >= M (capped at 4096): the M part of a tuning key."""
     b = 1
