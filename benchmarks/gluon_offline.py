@@ -120,7 +120,7 @@ def gemm_report(dump) -> bool:
     memory store moves the dequantized tile (only cp.async fills the rings)."""
     from runtime.kernels import int_gemm_gluon as W
     ok = True
-    for c in W.CONFIGS:
+    for c in W.CONFIGS + W.DECODE:
         for dt in ("bf16", "fp16"):
             name = f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}_{dt}"
             try:

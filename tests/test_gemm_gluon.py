@@ -45,7 +45,7 @@ def test_valid():
     assert all(ok(c) for c in W.CONFIGS)
     assert ok(W.cfg(128, 64, nw=4)) and ok(W.cfg(128, 128, nw=8))
     assert not ok(W.cfg(nw=8)) and not ok(W.cfg(128, nw=16)) and not ok(W.cfg(st=1))
-    assert not ok(W.cfg(bm=32))
+    assert not ok(W.cfg(bm=48)) and not ok(W.cfg(bm=4))
     assert not W.valid(W.cfg(), 256, 4096, 4096, QuantSpec("int", 4, 64, zero_mode="int"))
     assert not W.valid(W.cfg(), 256, 4096, 4096, QuantSpec("int", 8, 128, zero_mode="int"))
 
@@ -125,3 +125,47 @@ def test_split_k_fixup(sk, monkeypatch):
     monkeypatch.setattr(splitk, "fused_counters", lambda *a: None)
     y3 = W.launch(x, t, SPEC, N, K, c)
     assert float((y3.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_int_gemv_offers_the_decode_configs_only_where_asked():
+    from runtime.kernels import int_gemv as V
+    wg = lambda cs: [c for c in cs if c.get("WGMMA")]   # noqa: E731
+    assert len(wg(V.candidates(8, 4, wgmma=True))) == len(W.DECODE)
+    assert not wg(V.candidates(8, 4)) and not wg(V.candidates(1, 4, wgmma=True))
+    assert not wg(V.candidates(8, 8, wgmma=True))
+    assert all(W.valid(c, 16, 4096, 4096, SPEC) for c in W.DECODE)
+    assert not W.valid(W.cfg(128, 8, nw=8), 8, 4096, 4096, SPEC)   # 8 rows of x, 8 warps
+    assert not V.wgmma_on(torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+@pytest.mark.parametrize("c", W.DECODE, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("M", [1, 4, 13])
+def test_decode_configs(c, M):
+    N, K = 1000, 4096
+    g = torch.Generator(device="cuda").manual_seed(M)
+    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    y = W.launch(x, t, SPEC, N, K, c)
+    assert y.shape == (M, N) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+def test_int_gemv_tunes_with_the_decode_configs(tmp_path, monkeypatch):
+    from runtime.kernels import int_gemv as V
+    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EXA_GEMV_WGMMA", "1")
+    monkeypatch.setattr(V.TUNER, "cache", {})
+    monkeypatch.setattr(V.TUNER, "timings", {})
+    N, K, M = 2048, 4096, 8
+    g = torch.Generator(device="cuda").manual_seed(8)
+    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    y = V.int_gemv(x, t, SPEC, N, K)
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    (timed,) = V.TUNER.timings.values()
+    assert sum(1 for c, _ in timed if c.get("WGMMA")) == len(W.DECODE)

@@ -128,10 +128,11 @@ def _gluon():
     return int_gemm_gluon
 
 
-def gluon_on(x: torch.Tensor) -> bool:
-    """Whether the tuner is offered the wgmma kernel for x: a CUDA tensor on an sm_90 GPU, bf16
-    or fp16, triton with Gluon, and ``EXA_GEMM_GLUON`` not 0."""
-    return (os.environ.get("EXA_GEMM_GLUON", "1") != "0" and x.is_cuda and not interpreting()
+def gluon_on(x: torch.Tensor, var: str = "EXA_GEMM_GLUON", default: str = "1") -> bool:
+    """Whether a tuner is offered the wgmma kernel for x: a CUDA tensor on an sm_90 GPU, bf16
+    or fp16, triton with Gluon, and the environment variable ``var`` (default ``default``) not
+    0 (int_gemv asks with its own variable)."""
+    return (os.environ.get(var, default) != "0" and x.is_cuda and not interpreting()
             and x.dtype in (torch.bfloat16, torch.float16)
             and torch.cuda.get_device_capability(x.device) == (9, 0) and _gluon().HAVE_GLUON)
 

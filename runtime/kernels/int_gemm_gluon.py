@@ -189,11 +189,18 @@ TUNED = [cfg(64, 64, st=4), cfg(64, 256, st=2), cfg(128, 256, st=2, nw=8),
          cfg(128, 256, st=2, nw=8, sk=2), cfg(128, 256, st=2, nw=8, sk=4), cfg(64, 128, sk=2)]
 
 
+# Decode (M <= 16: wgmma with N = 8 or 16), tried as int_gemv candidates.
+DECODE = [cfg(64, 8, st=4), cfg(64, 8, st=8), cfg(64, 16, st=4), cfg(64, 16, st=8),
+          cfg(128, 16, st=4, nw=8), cfg(128, 16, st=8, nw=8), cfg(64, 16, st=4, sk=2),
+          cfg(64, 8, st=6, sk=2)]
+
+
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
     """Weights ``V.format_fits`` takes; 64 rows of W per warpgroup (4 warps)."""
     return (V.format_fits(spec, K) and c["num_warps"] in (4, 8, 16) and c["ST"] >= 2
             and K % (SUBK * c["SPLIT_K"]) == 0
-            and c["BLOCK_N"] % (16 * c["num_warps"]) == 0 and c["BLOCK_M"] in (64, 128, 256))
+            and c["BLOCK_N"] % (16 * c["num_warps"]) == 0
+            and c["BLOCK_M"] in (8, 16, 32, 64, 128, 256) and c["BLOCK_M"] >= 2 * c["num_warps"])
 
 
 @functools.cache

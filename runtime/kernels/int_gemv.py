@@ -65,22 +65,37 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
             "num_warps": nw, "num_stages": ns}
 
 
-def candidates(M: int, bits: int, dtype=torch.bfloat16) -> list[dict]:
+def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key; ``dtype``, the
-    activations', sizes the CUDA-core ones)."""
+    activations', sizes the CUDA-core ones; ``wgmma`` (``wgmma_on``): int_gemm_gluon's DECODE
+    configs too, for M >= 2)."""
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
         + simt_candidates(M, bits, 4 if dtype == torch.float32 else 2) \
         + (planes_candidates(bits) if M >= 2 and planes_on() else []) \
         + ([{**c, "GLUON": True} for c in _gluon().CONFIGS]
-           if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else [])
+           if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else []) \
+        + ([{**c, "WGMMA": True} for c in _wgmma().DECODE] if wgmma and bits == 4 and M >= 2 else [])
 
 
 def _gluon():
     """The Gluon prototype's module, imported only when asked for (it costs start-up time)."""
     from runtime.kernels import int_gemv_gluon
     return int_gemv_gluon
+
+
+def _wgmma():
+    """The wgmma GEMM's module (int_gemm_gluon.py), imported only when asked for."""
+    from runtime.kernels import int_gemm_gluon
+    return int_gemm_gluon
+
+
+def wgmma_on(x: torch.Tensor) -> bool:
+    """Whether the tuner is offered the wgmma kernel's decode configs for x: sm_90, bf16/fp16,
+    and ``EXA_GEMV_WGMMA=1`` (off by default)."""
+    from runtime.kernels.int_gemm import gluon_on as on
+    return on(x, "EXA_GEMV_WGMMA", "0")
 
 
 def gluon_on() -> bool:
@@ -94,6 +109,8 @@ def gluon_on() -> bool:
 def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int, spec: QuantSpec | None = None) -> bool:
     if cfg.get("GLUON"):
         return spec is not None and not interpreting() and _gluon().valid(cfg, M, N, K, spec)
+    if cfg.get("WGMMA"):
+        return spec is not None and _wgmma().valid(cfg, M, N, K, spec)
     if cfg.get("SIMT"):
         return simt_valid(cfg, M, K, bits, group)
     if cfg.get("PLANES"):
@@ -109,6 +126,8 @@ def launch(x, t, spec, N, K, cfg, out=None):
     """Run one config. x [M, K]; returns out [M, N] in x.dtype."""
     if cfg.get("GLUON"):
         return _gluon().launch(x, t, spec, N, K, cfg, out)
+    if cfg.get("WGMMA"):
+        return _wgmma().launch(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     g = group_of(spec, K)
     mode = mode_of(spec)
@@ -137,13 +156,14 @@ def launch(x, t, spec, N, K, cfg, out=None):
 
 
 def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
-    """``check`` for the tuner: a PLANES or GLUON config (not measured on every GPU) is used only if
+    """``check`` for the tuner: a PLANES, GLUON or WGMMA config (not measured on every GPU) is used only if
     its output matches the first valid tensor-core config's among ``cands()`` on these inputs
     (relative difference below 3e-2: bf16 rounding of two correct sums is ~5e-3)."""
     def base():
         return next((b for b in cands() if not b.get("PLANES") and not b.get("SIMT")
-                     and not b.get("GLUON") and _valid(b, mb, N, K, spec.bits, g)), None)
-    return agrees_with(base, lambda c: bool(c.get("PLANES") or c.get("GLUON")),
+                     and not b.get("GLUON") and not b.get("WGMMA")
+                     and _valid(b, mb, N, K, spec.bits, g)), None)
+    return agrees_with(base, lambda c: bool(c.get("PLANES") or c.get("GLUON") or c.get("WGMMA")),
                        lambda c: launch(x, t, spec, N, K, c, out))
 
 
@@ -155,7 +175,7 @@ def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
-    cands = lambda: candidates(mb, spec.bits, x.dtype)   # noqa: E731 - built on a tuner miss only
+    cands = lambda: candidates(mb, spec.bits, x.dtype, wgmma_on(x))   # noqa: E731 - on a tuner miss only
     cfg = TUNER.pick(key, cands, lambda c: _valid(c, mb, N, K, spec.bits, g, spec),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda,
                      check=_agrees_with_tc(x, t, spec, N, K, g, mb, cands, out))
