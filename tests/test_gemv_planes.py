@@ -117,10 +117,10 @@ def test_tuner_skips_configs_its_check_rejects(monkeypatch, tmp_path):
     times = {"a": 3.0, "b": 1.0, "c": 2.0}
     calls = []
 
-    def fake_time(run):
+    def fake_time(run, fits_l2=False):
         calls.append(run())
         return times[calls[-1]]
-    monkeypatch.setattr(tuning, "_time_graph", fake_time)
+    monkeypatch.setattr(tuning, "_time", fake_time)
     monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "fake")
     cands = [{"n": "a"}, {"n": "b"}, {"n": "c"}]

@@ -336,11 +336,11 @@ def test_tuner_keeps_gpu_picks_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_scope", lambda name: f"{name}|fake-gpu")
     timed = []
 
-    def fake_time(run):
+    def fake_time(run, fits_l2=False):
         run()
         return {1: 3.0, 2: 1.0, 3: 2.0}[timed[-1]]
 
-    monkeypatch.setattr(tuning, "_time_graph", fake_time)
+    monkeypatch.setattr(tuning, "_time", fake_time)
     cands = [{"BLOCK_N": 1}, {"BLOCK_N": 2}, {"BLOCK_N": 3}]
     launch = lambda c: timed.append(c["BLOCK_N"])  # noqa: E731
     key = (4096, 4096, 1, "int", 128, torch.bfloat16)
@@ -386,3 +386,41 @@ def test_agrees_with_checks_suspects_against_the_base_once():
     assert check({"name": "base"})
     assert ran == ["base", "good", "bad", "nan"]
     assert tuning.agrees_with(lambda: None, lambda c: True, run)({"name": "bad"})
+
+
+def test_cold_timing_subtracts_the_flush(monkeypatch):
+    """tuning._time_cold: (flush + launch) graph time minus the flush-only graph time; the
+    tuner uses it unless EXA_TUNE_COLD=0."""
+    from runtime.kernels import tuning
+    buf = torch.ones(16)
+    monkeypatch.setattr(tuning, "_flush_buffer", lambda: buf)
+    ran = []
+
+    def fake_graph(run, reps=20, iters=5):
+        n = len(ran)
+        run()
+        return 5.0 if len(ran) > n else 3.0               # with the launch / the flush alone
+    monkeypatch.setattr(tuning, "_time_graph", fake_graph)
+    assert tuning._time_cold(lambda: ran.append("launch")) == 2.0
+    assert float(buf.sum()) == 0.0                          # the flush ran (zeroed the buffer)
+    assert tuning._time(lambda: ran.append("launch"), fits_l2=True) == 2.0
+    assert tuning._time(lambda: ran.append("launch")) == 5.0      # weights beyond L2: warm
+    monkeypatch.setenv("EXA_TUNE_COLD", "0")
+    assert not tuning.cold() and tuning._time(lambda: ran.append("launch"), True) == 5.0
+    monkeypatch.delenv("EXA_TUNE_COLD")
+    assert tuning.cold()
+
+
+def test_tuner_asks_fits_l2_only_on_a_miss(monkeypatch, tmp_path):
+    """Tuner.pick passes fits_l2 (a function, called once, on the miss) to the timer."""
+    from runtime.kernels import tuning
+    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_scope", lambda name: f"{name}|fake-gpu")
+    seen, asked = [], []
+    monkeypatch.setattr(tuning, "_time", lambda run, fits=False: (run(), seen.append(fits))[1] or 1.0)
+    tuner = tuning.Tuner("k")
+    cands = [{"n": 1}, {"n": 2}]
+    tuner.pick((1,), cands, lambda c: True, lambda c: None, True,
+               fits_l2=lambda: asked.append(1) or True)
+    tuner.pick((1,), cands, lambda c: True, lambda c: None, True, fits_l2=lambda: asked.append(1))
+    assert seen == [True, True] and asked == [1]
