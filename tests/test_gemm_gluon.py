@@ -86,23 +86,30 @@ def test_int_gemm_offers_the_tuned_configs_only_where_asked():
     assert not G.gluon_on(torch.zeros(2, 2, dtype=torch.bfloat16))      # a CPU tensor
 
 
+def _tuned(mod, fn, M, tmp_path, monkeypatch):
+    """Run ``fn`` (int_gemm / int_gemv of module ``mod``) once with a fresh tuner on a 2048x4096
+    weight; check the pick's output against the reference; return what the tuner timed."""
+    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(mod.TUNER, "cache", {})
+    monkeypatch.setattr(mod.TUNER, "timings", {})
+    N, K = 2048, 4096
+    g = torch.Generator(device="cuda").manual_seed(M)
+    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    y = fn(x, t, SPEC, N, K)
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    (timed,) = mod.TUNER.timings.values()
+    return timed
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
 def test_int_gemm_tunes_with_the_wgmma_kernel(tmp_path, monkeypatch):
     """Through int_gemm's tuner with a fresh cache: the Gluon configs pass the agreement check
     (they are timed) and the pick, whichever it is, matches the reference."""
     from runtime.kernels import int_gemm as G
-    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(G.TUNER, "cache", {})
-    monkeypatch.setattr(G.TUNER, "timings", {})
-    N, K, M = 2048, 4096, 200
-    g = torch.Generator(device="cuda").manual_seed(5)
-    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
-    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-    y = G.int_gemm(x, t, SPEC, N, K)
-    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
-    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
-    (timed,) = G.TUNER.timings.values()
+    timed = _tuned(G, G.int_gemm, 200, tmp_path, monkeypatch)
     assert sum(1 for c, _ in timed if c.get("GLUON")) == len(W.TUNED)
 
 
@@ -156,16 +163,6 @@ def test_decode_configs(c, M):
 @pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
 def test_int_gemv_tunes_with_the_decode_configs(tmp_path, monkeypatch):
     from runtime.kernels import int_gemv as V
-    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("EXA_GEMV_WGMMA", "1")
-    monkeypatch.setattr(V.TUNER, "cache", {})
-    monkeypatch.setattr(V.TUNER, "timings", {})
-    N, K, M = 2048, 4096, 8
-    g = torch.Generator(device="cuda").manual_seed(8)
-    t = intq.quantize(torch.randn(N, K, device="cuda", generator=g) * 0.05, SPEC)
-    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-    y = V.int_gemv(x, t, SPEC, N, K)
-    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
-    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
-    (timed,) = V.TUNER.timings.values()
+    timed = _tuned(V, V.int_gemv, 8, tmp_path, monkeypatch)
     assert sum(1 for c, _ in timed if c.get("WGMMA")) == len(W.DECODE)
