@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from runtime.kernels import dispatch, reference as R  # noqa: E402
+from runtime.kernels.common import packed_bytes  # noqa: E402
 from runtime.quant.spec import QuantSpec  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192), (8192, 28672)]
@@ -63,10 +64,6 @@ def hbm_bandwidth() -> float:
     ms = tt.do_bench(lambda: b.copy_(a), warmup=50, rep=500, return_mode="median")
     del a, b
     return 2 * n / ms / 1e6
-
-
-def packed_bytes(t: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in t.values())
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -424,3 +424,10 @@ def test_tuner_asks_fits_l2_only_on_a_miss(monkeypatch, tmp_path):
                fits_l2=lambda: asked.append(1) or True)
     tuner.pick((1,), cands, lambda c: True, lambda c: None, True, fits_l2=lambda: asked.append(1))
     assert seen == [True, True] and asked == [1]
+
+
+def test_packed_bytes_counts_every_tensor_of_a_packed_weight():
+    from runtime.kernels.common import packed_bytes
+    t = {"qweight": torch.zeros(64, 8, dtype=torch.int32), "scales": torch.zeros(64, 4, dtype=torch.float16),
+         "zeros": torch.zeros(64, 4, dtype=torch.uint8), "note": "not a tensor"}
+    assert packed_bytes(t) == 64 * 8 * 4 + 64 * 4 * 2 + 64 * 4

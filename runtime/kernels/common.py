@@ -9,6 +9,11 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MODES = {"int": 1, "min": 2}
 
 
+def packed_bytes(t: dict) -> int:
+    """The bytes of a packed weight: all its tensors (packed codes, scales, zeros, ...)."""
+    return sum(v.numel() * v.element_size() for v in t.values() if isinstance(v, torch.Tensor))
+
+
 def group_of(spec: QuantSpec, K: int) -> int:
     """Codes per quantization group along K (per channel: K)."""
     return K if spec.group_size == -1 else spec.group_size

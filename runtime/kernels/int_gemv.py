@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from runtime.kernels.tl_dequant import dot_acc, int_group_params, int_tile, load_xt
-from runtime.kernels.common import check_int_inputs, group_of, mode_of
+from runtime.kernels.common import check_int_inputs, group_of, mode_of, packed_bytes
 from runtime.kernels.int_gemv_planes import planes_candidates, planes_launch, planes_on, planes_valid
 from runtime.kernels.int_gemv_simt import simt_candidates, simt_launch, simt_valid
 from runtime.kernels.splitk import fused_counters, partials, sum_partials
@@ -167,11 +167,6 @@ def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
                        lambda c: launch(x, t, spec, N, K, c, out))
 
 
-def _bytes(t) -> int:
-    """The bytes of a packed weight (its tensors)."""
-    return sum(v.numel() * v.element_size() for v in t.values() if isinstance(v, torch.Tensor))
-
-
 def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> torch.Tensor:
     """Decode GEMV: x [M, K] (M <= 16) -> [M, N] in x.dtype. Autotuned per (N, K, M bucket)."""
     check_int_inputs(x, t, spec, N, K)
@@ -184,5 +179,5 @@ def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     cfg = TUNER.pick(key, cands, lambda c: _valid(c, mb, N, K, spec.bits, g, spec),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda,
                      check=_agrees_with_tc(x, t, spec, N, K, g, mb, cands, out),
-                     fits_l2=lambda: x.is_cuda and _bytes(t) <= l2_bytes())
+                     fits_l2=lambda: x.is_cuda and packed_bytes(t) <= l2_bytes())
     return launch(x, t, spec, N, K, cfg, out)
