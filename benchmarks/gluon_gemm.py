@@ -1,8 +1,9 @@
 """Every config of the wgmma prefill kernel (runtime/kernels/int_gemm_gluon.py) beside the
 tuned ``int_gemm`` (with EXA_GEMM_GLUON=0: the Triton kernel alone) and cuBLAS bf16 on the
-unquantized weights, on one sm_90 GPU: microseconds (triton.testing.do_bench medians; every
-weight matrix here is larger than L2) and the fraction of cuBLAS. The wgmma kernel's times
-include its per-call copy of x into its K order. Checks each config against the reference first.
+unquantized weights, on one sm_90 GPU: microseconds (triton.testing.do_bench medians on one
+weight matrix, so the 8B shapes may be served partly from L2; benchmarks/kernels.py cycles over
+copies) and the fraction of cuBLAS. The wgmma kernel's times include its per-call copy of x into
+its K order. Checks each config against the reference first.
 
     python3 benchmarks/gluon_gemm.py [--shapes 28672x8192,8192x28672] [--m 256,512,2048]
 """
