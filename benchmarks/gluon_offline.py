@@ -41,11 +41,12 @@ ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "K", "stride_xm", "st
 GEMM_ARGS = ARGS[:5] + ["fin_ptr", "cnt_ptr"] + ARGS[5:11] + ["stride_fin", "stride_qw"]
 
 
-def _sig(dt: str, consts: dict, gemm: bool = False) -> tuple[dict, dict]:
-    """The GEMV's signature, or (``gemm``) the wgmma GEMM's: its ``out_ptr`` is the float32
-    workspace when K is split (SPLIT_K > 1, with FIXUP), ``fin_ptr`` the output."""
-    names = GEMM_ARGS if gemm else ARGS
-    split = gemm and consts.get("SPLIT_K", 1) > 1
+def _sig(dt: str, consts: dict, gluon: bool = True) -> tuple[dict, dict]:
+    """The Gluon kernels' signature (both: GEMM_ARGS), or (not ``gluon``) int_gemv.py's Triton
+    kernel's: ``out_ptr`` is the float32 workspace when K is split (FIXUP), ``fin_ptr`` the
+    output."""
+    names = GEMM_ARGS if gluon else ARGS
+    split = bool(consts.get("FIXUP"))
     types = {"x_ptr": "*" + dt, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
              "out_ptr": "*fp32" if split else "*" + dt, "fin_ptr": "*" + dt, "cnt_ptr": "*i32"}
     sig = {a: types.get(a, "i32") for a in names}
@@ -90,6 +91,7 @@ def report(name: str, c, dump: Path | None) -> dict:
            "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
            "ld.global.v4": len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
            "ld.global": len(re.findall(r"\bld\.global", ptx)),
+           "evict_first": len(re.findall(r"evict_first", ptx)),
            "local_alloc": ttgir.count("ttg.local_alloc"),
            "convert_layout": ttgir.count("ttg.convert_layout")}
     if "cubin" in c.asm:
@@ -104,13 +106,15 @@ def report(name: str, c, dump: Path | None) -> dict:
     return row
 
 
-def compile_gluon(kernel, c: dict, dt: str, gemm: bool = False):
-    """Compile the Gluon ``kernel`` for one config dict ``c`` (constexprs + num_warps)."""
+def compile_gluon(kernel, c: dict, dt: str):
+    """Compile the Gluon ``kernel`` for one config dict ``c`` (constexprs + num_warps); split K
+    with the in-kernel fixup, as ``launch`` runs it."""
     from triton.experimental.gluon._runtime import GluonASTSource
     consts = {"GROUP": 128, **{k: v for k, v in c.items() if k != "num_warps"}}
-    if gemm:
-        consts["FIXUP"] = c["SPLIT_K"] > 1
-    sig, attrs = _sig(dt, consts, gemm)
+    consts["FIXUP"] = c["SPLIT_K"] > 1
+    if "EVICT" in consts:
+        consts["EVICT"] = "evict_first" if consts["EVICT"] else ""
+    sig, attrs = _sig(dt, consts)
     src = GluonASTSource(kernel, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": c["num_warps"]})
 
@@ -124,7 +128,7 @@ def gemm_report(dump) -> bool:
         for dt in ("bf16", "fp16"):
             name = f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}_{dt}"
             try:
-                row = report(name, compile_gluon(W._int4_gemm_wgmma, c, dt, gemm=True), dump)
+                row = report(name, compile_gluon(W._int4_gemm_wgmma, c, dt), dump)
             except Exception as e:                   # report and go on
                 print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
                 ok = False
@@ -145,7 +149,7 @@ def compile_existing(bn, bk, nw, dt, bm=16):
     from runtime.kernels import int_gemv as E
     consts = {"BITS": 4, "GROUP": 128, "MODE": 1, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm,
               "SPLIT_K": 1, "PERM": True, "INTERP": False}
-    sig, attrs = _sig(dt, consts)
+    sig, attrs = _sig(dt, consts, gluon=False)
     src = ASTSource(E._int_gemv_kernel, sig, constexprs=consts, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": nw, "num_stages": 1})
 
@@ -174,10 +178,13 @@ def main() -> int:
               (64, 4, "bf16", 8))]
     cfgs += [(G.cfg(bn, bk, bm=bm, st=4, xs=xs), "bf16") for bk in (128, 256) for xs in (False, True)
              for bn, bm in ((64, 16), (128, 16), (128, 8))]
+    cfgs += [(c, "bf16") for c in G.CONFIGS if c["SPLIT_K"] > 1]        # with the fused fixup
+    cfgs += [(G.cfg(128, 256, st=4, bm=8, xs=True, ev=True), "bf16"), (G.cfg(128, pf=2, ev=True), "bf16")]
     for c, dt in cfgs:
         pf, st = c["PF"], c["ST"]
         name = (f"gluon_bn{c['BLOCK_N']}_bk{c['BLOCK_K']}_w{c['num_warps']}_{dt}_bm{c['BLOCK_M']}"
-                + (f"_pf{pf}" if pf else "") + (f"_st{st}" if st else "") + ("_xs" if c["XS"] else ""))
+                + (f"_pf{pf}" if pf else "") + (f"_st{st}" if st else "") + ("_xs" if c["XS"] else "")
+                + (f"_sk{c['SPLIT_K']}" if c["SPLIT_K"] > 1 else "") + ("_ev" if c.get("EVICT") else ""))
         try:
             row = report(name, compile_gluon(G._int4_gemv_gluon, c, dt), args.dump)
         except Exception as e:                       # report and go on
@@ -186,8 +193,10 @@ def main() -> int:
             continue
         rows.append((name, row))
         print(name.ljust(34) + " ".join(str(row.get(c, "-")).rjust(len(c)) for c in cols))
-        weights_smem_free = row["shared"] == 0 and row["st.shared"] == 0 and row.get("STS", 0) == 0
-        ok &= weights_smem_free or bool(st)           # the cp.async ring is shared memory
+        sts = 1 if c["SPLIT_K"] > 1 else 0            # the fixup's atomic, broadcast
+        weights_smem_free = (row["st.shared"] == sts and row.get("STS", 0) == sts
+                             and (row["shared"] == 0 or sts))
+        ok &= (weights_smem_free or bool(st)) and not row.get("LOCAL")   # (ST: the ring)
     if args.torch_site:
         sys.path.append(args.torch_site)
         for bn, bk in ((64, 128), (64, 256)):

@@ -70,3 +70,16 @@ def check_nf4_inputs(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int) -> Non
         _check("offset", t, torch.float32, 1, x.device)
     else:
         _check("absmax", t, torch.float32, nb, x.device)
+
+
+def prepare_gluon(x, t, spec, N, K, c, out, fits, have: bool):
+    """The checks both Gluon launchers make (Gluon present, inputs, bf16/fp16 x,
+    ``fits(c, M, N, K, spec)``) and the output they write: returns (M, group size, out)."""
+    assert have, "triton.experimental.gluon is not available"
+    check_int_inputs(x, t, spec, N, K)
+    M = x.shape[0]
+    assert x.dtype in (torch.bfloat16, torch.float16), "the Gluon kernels take bf16/fp16 x"
+    assert fits(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
+    if out is None:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    return M, group_of(spec, K), out

@@ -220,7 +220,8 @@ def launch(x, t, spec, N, K, c, out=None):
     import torch
     import triton
     from runtime.kernels.splitk import fused_counters, partials, sum_partials
-    M, g, out = V.prepare(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
+    from runtime.kernels.common import prepare_gluon
+    M, g, out = prepare_gluon(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
     xp = permute_x(x.contiguous())
     sk = c["SPLIT_K"]
     dst = partials(out, sk)                            # float32 [sk, M, N] when K is split

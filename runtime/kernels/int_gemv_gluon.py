@@ -36,6 +36,7 @@ try:                                                   # gluon: triton >= 3.5 (w
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp, mma_v2
+    from runtime.kernels.splitk_gluon import finish_tile
     HAVE_GLUON = True
 except Exception:                                      # pragma: no cover - depends on triton
     gluon = gl = mma_v2 = cp = None
@@ -141,9 +142,9 @@ if HAVE_GLUON:
                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
     @gluon.jit
-    def _loads(w_base, z_base, s_base, x_base, x_mask, k, GROUP: gl.constexpr):
+    def _loads(w_base, z_base, s_base, x_base, x_mask, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
         """Sub-tile k's words, zeros (int32), scales (as stored) and x, from global memory."""
-        return (gl.load(w_base + k // 8), gl.load(z_base + k // GROUP).to(gl.int32),
+        return (gl.load(w_base + k // 8, eviction_policy=EVICT), gl.load(z_base + k // GROUP).to(gl.int32),
                 gl.load(s_base + k // GROUP), gl.load(x_base + k, mask=x_mask, other=0.0))
 
     @gluon.jit
@@ -174,11 +175,12 @@ if HAVE_GLUON:
         return mma_v2(a, b, zero)
 
     @gluon.jit
-    def _int4_gemv_gluon(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, G, stride_xm, stride_om,
-                         stride_qw, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
-                         BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr, SPLIT_K: gl.constexpr,
-                         PF: gl.constexpr, ST: gl.constexpr,
-                         XS: gl.constexpr, CH: gl.constexpr = 1):
+    def _int4_gemv_gluon(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, fin_ptr, cnt_ptr, M, N, K, G,
+                         stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
+                         SPLIT_K: gl.constexpr, PF: gl.constexpr, ST: gl.constexpr,
+                         XS: gl.constexpr, CH: gl.constexpr = 1, FIXUP: gl.constexpr = False,
+                         EVICT: gl.constexpr = ""):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -236,7 +238,7 @@ if HAVE_GLUON:
                 xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
             for j in gl.static_range(D):
                 kj = k_lo + (j % nsub) * SUBK
-                cp.async_copy_global_to_shared(ring.index(j), w_base + kj // 8)
+                cp.async_copy_global_to_shared(ring.index(j), w_base + kj // 8, eviction_policy=EVICT)
                 if XS:
                     cp.async_copy_global_to_shared(xring.index(j), xc_base + kj, mask=xc_mask)
                 cp.commit_group()
@@ -245,7 +247,8 @@ if HAVE_GLUON:
             for i0 in range(0, nsub, NSUB):
                 for u in gl.static_range(NSUB):
                     kc = k_lo + ((i0 + u + D) % nsub) * SUBK      # wraps at the end: unused
-                    cp.async_copy_global_to_shared(ring.index((i0 + u + D) % ST), w_base + kc // 8)
+                    cp.async_copy_global_to_shared(ring.index((i0 + u + D) % ST), w_base + kc // 8,
+                                                   eviction_policy=EVICT)
                     if XS:
                         cp.async_copy_global_to_shared(xring.index((i0 + u + D) % ST), xc_base + kc,
                                                        mask=xc_mask)
@@ -276,7 +279,7 @@ if HAVE_GLUON:
                 for sub in gl.static_range(NSUB):
                     ks = kb * BLOCK_K + sub * SUBK
                     gi = ks // GROUP
-                    w = gl.load(w_base + ks // 8)                              # [BN, 16] int32
+                    w = gl.load(w_base + ks // 8, eviction_policy=EVICT)      # [BN, 16] int32
                     z = gl.load(z_base + gi).to(gl.int32)
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)          # [16, BM, 8]
                     part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
@@ -286,10 +289,10 @@ if HAVE_GLUON:
         else:                            # one sub-tile a step, loads PF sub-tiles ahead in
             nsub = K // (SUBK * SPLIT_K)                # registers (the last ones wrap to the
             k_lo = pid_k * nsub * SUBK                  # split's start: valid, unused)
-            w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, k_lo, GROUP)
+            w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, k_lo, GROUP, EVICT)
             if PF == 2:
                 w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask,
-                                        k_lo + (1 % nsub) * SUBK, GROUP)
+                                        k_lo + (1 % nsub) * SUBK, GROUP, EVICT)
             for i in range(nsub):
                 w = w1
                 z = z1
@@ -301,41 +304,51 @@ if HAVE_GLUON:
                     z1 = z2
                     s1 = s2
                     x1 = x2
-                    w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP)
+                    w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP, EVICT)
                 else:
-                    w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP)
+                    w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP, EVICT)
                 part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
                                 LA, LB, zero, CH)
                 acc = acc + part * gl.expand_dims(s.to(gl.float32) * 16.0, 1)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
-                  + gl.expand_dims(offs_nc, 1))
-        o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
-        gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        if FIXUP:                        # split K: the tile's last program adds the partials
+            finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m,
+                        pid_n * BLOCK_N, 0, M, N, stride_fin, SPLIT_K)
+        else:                            # the output, or (split K) a partial summed afterwards
+            o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
+                      + gl.expand_dims(offs_nc, 1))
+            o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
+            gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
-def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1):
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False):
     """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step, that many
     sub-tiles' loads ahead in registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the
     weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through the
     ring too, not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
-    halves."""
+    halves. sk > 1: the K slices' partials are added by the tile's last program (splitk_gluon).
+    ev: the weights are loaded with the L2 evict-first policy (they are read once)."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
-            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch}
+            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch,
+            **({"EVICT": True} if ev else {})}
 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
-# some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py, 2026-11-27).
+# some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py and, for the split
+# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27/28).
 CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, bm=8),
-           cfg(128, sk=4, pf=1), cfg(128, pf=2), cfg(64, pf=2, bm=8), cfg(64, sk=4, pf=2, bm=8),
-           cfg(64, 256, sk=4, st=4), cfg(64, 128, st=4, bm=8, xs=True),
+           cfg(64, 256, sk=4, bm=8, ev=True), cfg(128, sk=4, pf=1, ev=True),
+           cfg(128, sk=2, pf=1, ev=True), cfg(128, pf=2), cfg(64, pf=2, bm=8, ev=True),
+           cfg(64, sk=4, pf=2, bm=8), cfg(64, 256, sk=4, st=4), cfg(64, 128, st=4, bm=8, xs=True),
            cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
-           cfg(128, 128, st=4, xs=True)]
-# Tried, not offered to the tuner (none won; benchmarks/gluon_gemv.py --extra, RESULTS.md):
-EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(128, 256, st=6, xs=True),
-         cfg(64, 512, st=8, xs=True), cfg(128, 256, sk=2, st=4, xs=True),
-         cfg(128, 256, sk=2, st=4, bm=8, xs=True), cfg(128, 256, st=4, bm=8, xs=True, ch=2),
-         cfg(128, 256, st=4, xs=True, ch=2), cfg(128, pf=2, ch=2), cfg(64, 256, sk=4, bm=8, ch=2),
-         cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)]
+           cfg(128, 128, st=4, xs=True), cfg(128, 256, sk=2, st=4, bm=8, xs=True),
+           cfg(128, 256, sk=4, st=4, bm=8, xs=True), cfg(128, 256, sk=4, st=4, xs=True)]
+# Tried, not offered to the tuner (none won; benchmarks/gluon_gemv.py --extra,
+# benchmarks/gemv_ceiling.py; RESULTS.md):
+EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(64, 512, st=8, xs=True),
+         cfg(128, 256, st=6, xs=True), cfg(128, 256, sk=2, st=4, xs=True), cfg(128, sk=4, pf=1),
+         cfg(64, pf=2, bm=8), cfg(128, pf=2, ev=True)] + [
+    cfg(128, 256, st=4, bm=8, xs=True, ch=2), cfg(128, 256, st=4, xs=True, ch=2), cfg(128, pf=2, ch=2),
+    cfg(64, 256, sk=4, bm=8, ch=2), cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)]
 
 
 def format_fits(spec, K: int) -> bool:
@@ -357,35 +370,24 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and not (c.get("XS") and (nw != 4 or not c.get("ST"))))
 
 
-def prepare(x, t, spec, N, K, c, out, fits, have=HAVE_GLUON):
-    """The checks both Gluon launchers make (inputs, dtype, ``fits(c, M, N, K, spec)``) and the
-    output they write: returns (M, group size, out)."""
-    import torch
-    from runtime.kernels.common import check_int_inputs, group_of
-    assert have, "triton.experimental.gluon is not available"
-    check_int_inputs(x, t, spec, N, K)
-    M = x.shape[0]
-    assert x.dtype in (torch.bfloat16, torch.float16), "the Gluon kernels take bf16/fp16 x"
-    assert fits(c, M, N, K, spec), f"config {c} does not fit M={M} N={N} K={K} {spec}"
-    if out is None:
-        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    return M, group_of(spec, K), out
-
-
 def launch(x, t, spec, N, K, c, out=None):
     """Run one config: x [M, K] (bf16/fp16, contiguous rows) -> out [M, N] in x.dtype."""
     import torch
     import triton
-    from runtime.kernels.splitk import partials, sum_partials
-    M, g, out = prepare(x, t, spec, N, K, c, out, valid)
+    from runtime.kernels.splitk import fused_counters, partials, sum_partials
+    from runtime.kernels.common import prepare_gluon
+    M, g, out = prepare_gluon(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
     sk = c["SPLIT_K"]
-    dst = partials(out, sk)
-    grid = (triton.cdiv(N, c["BLOCK_N"]), sk)
-    _int4_gemv_gluon[grid](x, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst,
-                           M, N, K, K // g, x.stride(0), dst.stride(-2), K // 8, GROUP=g,
-                           BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
-                           SPLIT_K=sk, PF=c.get("PF", 0), ST=c.get("ST", 0),
-                           XS=bool(c.get("XS")), CH=c.get("CH", 1), num_warps=c["num_warps"])
-    if dst is not out:
-        sum_partials(dst, out)
+    dst = partials(out, sk)                            # float32 [sk, M, N] when K is split
+    tiles = triton.cdiv(N, c["BLOCK_N"])
+    cnt = fused_counters({**c, "FIXUP": True}, x.device, tiles)   # None: not split (or capturing)
+    _int4_gemv_gluon[(tiles, sk)](
+        x, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst, out,
+        dst if cnt is None else cnt, M, N, K, K // g, x.stride(0), dst.stride(-2), out.stride(0),
+        K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
+        SPLIT_K=sk, PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")),
+        CH=c.get("CH", 1), FIXUP=cnt is not None,
+        EVICT="evict_first" if c.get("EVICT") else "", num_warps=c["num_warps"])
+    if cnt is None:
+        sum_partials(dst, out)                         # partials added in a fixed order
     return out
