@@ -11,7 +11,8 @@ GB/s are of the packed weights + scales + zeros (``packed_bytes``) over CUDA-gra
 cycle over >= 256 MB of weight copies (``benchmarks/kernels.py``'s ``bench``), next to the HBM
 copy bandwidth measured in the same run.
 
-    python3 benchmarks/gemv_ceiling.py [--shapes 28672x8192,8192x28672] [--m 4,8,16] [--out F.json]
+    python3 benchmarks/gemv_ceiling.py [--shapes 28672x8192,8192x28672] [--m 4,8,16] [--no-load]
+        [--no-alu] [--configs 0,5,12] [--out F.json]
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _launch_alu(x, t, N, K, c, out):
     sum_partials(dst, out)
 
 
-def config_times(N, K, ts, m_values, configs, rows):
+def config_times(N, K, ts, m_values, configs, rows, alu=True):
     nbytes = packed_bytes(ts[0])
     ref_w = intq.dequantize(ts[0], SPEC, N, K)
     for M in m_values:
@@ -94,16 +95,16 @@ def config_times(N, K, ts, m_values, configs, rows):
         ref = x.float() @ ref_w.T
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         for i, c in enumerate(configs):
-            if not G.valid(c, M, N, K, SPEC):
+            if c is None or not G.valid(c, M, N, K, SPEC):
                 continue
             y = G.launch(x, ts[0], SPEC, N, K, c).float()
             rel = float((y - ref).norm() / ref.norm())
             real = bench(lambda: [G.launch(x, t, SPEC, N, K, c, out) for t in ts]) / len(ts)
-            alu = bench(lambda: [_launch_alu(x, t, N, K, c, out) for t in ts]) / len(ts)
+            a = bench(lambda: [_launch_alu(x, t, N, K, c, out) for t in ts]) / len(ts) if alu else 0
             rows.append(dict(kind="config", N=N, K=K, M=M, i=i, config=c, rel=rel,
-                             us=real * 1e3, alu_us=alu * 1e3, GBps=nbytes / real / 1e6))
+                             us=real * 1e3, alu_us=a * 1e3, GBps=nbytes / real / 1e6))
             print(f"{N}x{K} M{M} #{i} {c}: {real * 1e3:.1f} us ({nbytes / real / 1e6:.0f} GB/s), "
-                  f"stride-0 {alu * 1e3:.1f} us, rel {rel:.1e}", flush=True)
+                  f"stride-0 {a * 1e3:.1f} us, rel {rel:.1e}", flush=True)
 
 
 def main(args) -> None:
@@ -111,6 +112,9 @@ def main(args) -> None:
     print(f"HBM copy {hbm:.0f} GB/s", flush=True)
     rows = []
     configs = G.CONFIGS + [c for c in G.EXTRA if c["CH"] == 1 and c["ST"] <= 4]
+    if args.configs:                         # indices into that list
+        configs = [configs[int(i)] if str(i) in args.configs.split(",") else None
+                   for i in range(len(configs))]
     for shape in args.shapes.split(","):
         N, K = map(int, shape.split("x"))
         ts = []
@@ -125,7 +129,7 @@ def main(args) -> None:
                 if r["kind"] == "load" and r["N"] == N and r["K"] == K:
                     print(f"  load bn{r['bn']} words{r['words']} sk{r['sk']} nw{r['nw']}: "
                           f"{r['us']:.1f} us {r['GBps']:.0f} GB/s ({r['GBps'] / hbm:.0%})")
-        config_times(N, K, ts, [int(m) for m in args.m.split(",")], configs, rows)
+        config_times(N, K, ts, [int(m) for m in args.m.split(",")], configs, rows, not args.no_alu)
         del ts
         torch.cuda.empty_cache()
     if args.out:
@@ -138,5 +142,7 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default="28672x8192,8192x28672")
     ap.add_argument("--m", default="4,8,16")
     ap.add_argument("--no-load", action="store_true", help="skip the load-pattern ceiling")
+    ap.add_argument("--no-alu", action="store_true", help="skip the stride-0 timings")
+    ap.add_argument("--configs", help="comma-separated indices into the config list (default: all)")
     ap.add_argument("--out")
     main(ap.parse_args())

@@ -145,6 +145,42 @@ def gemm_report(dump) -> bool:
     return ok
 
 
+SK_ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "ws_ptr", "out_ptr", "cnt_ptr", "M", "N", "K", "G",
+           "stride_xm", "stride_om", "stride_qw", "T", "S", "P"]
+
+
+def streamk_report(dump) -> bool:
+    """The stream-K ring configs (int_gemv_streamk.py): compile, no spills, 16-byte copies."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from runtime.kernels import int_gemv_gluon as G
+    from runtime.kernels import int_gemv_streamk as SK
+    ok = True
+    for c in [c for c in G.EXTRA if c.get("CTAS") == 2]:     # (CTAS: host side only)
+        for dt in ("bf16", "fp16"):
+            name = f"streamk_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_{dt}"
+            consts = {"GROUP": 128, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
+                      "BLOCK_M": c["BLOCK_M"], "ST": c["ST"], "XS": c["XS"], "EVICT": ""}
+            types = {"x_ptr": "*" + dt, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
+                     "ws_ptr": "*fp32", "out_ptr": "*" + dt, "cnt_ptr": "*i32"}
+            sig = {a: types.get(a, "i32") for a in SK_ARGS}
+            sig.update({k: "constexpr" for k in consts})
+            attrs = {(SK_ARGS.index(a),): DIV16 for a in ALIGNED + ("ws_ptr", "cnt_ptr") if a in SK_ARGS}
+            try:
+                src = GluonASTSource(SK._int4_gemv_streamk, sig, constexprs=consts, attrs=attrs)
+                row = report(name, triton.compile(src, target=TARGET,
+                                                  options={"num_warps": c["num_warps"]}), dump)
+            except Exception as e:                   # report and go on
+                print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
+                ok = False
+                continue
+            good = row.get("LDGSTS<16B", 0) == 0 and not row.get("LOCAL") and row["mma"] > 0
+            print(f"{name}: shared {row['shared']} REG {row.get('REG')} mma {row['mma']} "
+                  f"cp.async<16B {row.get('LDGSTS<16B')} spilled {row.get('LOCAL')} "
+                  f"{'ok' if good else 'FAIL'}")
+            ok &= good
+    return ok
+
+
 def compile_existing(bn, bk, nw, dt, bm=16):
     from runtime.kernels import int_gemv as E
     consts = {"BITS": 4, "GROUP": 128, "MODE": 1, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm,
@@ -197,6 +233,7 @@ def main() -> int:
         weights_smem_free = (row["st.shared"] == sts and row.get("STS", 0) == sts
                              and (row["shared"] == 0 or sts))
         ok &= (weights_smem_free or bool(st)) and not row.get("LOCAL")   # (ST: the ring)
+    ok &= streamk_report(args.dump)
     if args.torch_site:
         sys.path.append(args.torch_site)
         for bn, bk in ((64, 128), (64, 256)):

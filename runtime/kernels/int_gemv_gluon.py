@@ -42,55 +42,8 @@ except Exception:                                      # pragma: no cover - depe
     gluon = gl = mma_v2 = cp = None
     HAVE_GLUON = False
 
-_cfn = gluon.constexpr_function if HAVE_GLUON else (lambda f: f)   # host-callable either way
-SUBK_K = 128                                           # K per mma sub-tile (= 16 words / row)
-SUBK = gl.constexpr(SUBK_K) if HAVE_GLUON else SUBK_K  # the same, for kernels
-
-
-@_cfn
-def _warp_bases(nw: int, n_axis: bool, rank: int):
-    out = []
-    for i in range(nw.bit_length() - 1):
-        b = [0] * rank
-        if n_axis:
-            b[0] = 16 << i
-        out.append(b)
-    return out
-
-
-@_cfn
-def word_layout_bases(BN: int, NW: int):
-    """(reg, lane, warp) bases of the packed words ``[BN, 16]`` (row n, physical word p)."""
-    reg = [[0, 1], [0, 2], [8, 0]]
-    r = 16 * NW
-    while r < BN:
-        reg.append([r, 0])
-        r *= 2
-    lane = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
-    return reg, lane, _warp_bases(NW, True, 2)
-
-
-@_cfn
-def x_layout_bases(BM: int, NW: int):
-    """(reg, lane, warp) bases of the x tile ``[16 (p), BM, 8 (code)]`` (warps replicate it)."""
-    reg = [[0, 0, 1], [0, 0, 2], [0, 0, 4], [1, 0, 0], [2, 0, 0]]
-    if BM == 16:
-        reg.append([0, 8, 0])
-    lane = [[4, 0, 0], [8, 0, 0], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
-    return reg, lane, _warp_bases(NW, False, 3)
-
-
-@_cfn
-def _asm(bf16: bool, scaled: bool = False) -> str:
-    """``(lo, hi) = halves of ((v & MASK) | ONE) - Z2``: codes at bits 3..6 (bf16) / 6..9 (fp16)
-    under the exponent of 1.0 give ``1 + q/16``; minus ``1 + z/16`` is exact (``scaled``: then
-    times ``$4`` = 16 s, twice, one rounding: ``(q - z) s``)."""
-    p = 3 if bf16 else 6
-    mask, one = (0xF << p) * 0x10001, (0x3F80 if bf16 else 0x3C00) * 0x10001
-    ty = "bf16x2" if bf16 else "f16x2"
-    mul = f"mul.rn.{ty} t, t, $4; " if scaled else ""
-    return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; sub.rn.{ty} t, t, $3; "
-            f"{mul}mov.b32 {{$0, $1}}, t; }}")
+from runtime.kernels.gluon_layouts import (SUBK, SUBK_K, _asm, _cfn,  # noqa: E402,F401 - re-exported
+                                           word_layout_bases, x_layout_bases)
 
 
 if HAVE_GLUON:
@@ -175,6 +128,94 @@ if HAVE_GLUON:
         return mma_v2(a, b, zero)
 
     @gluon.jit
+    def _ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                    BLOCK_M: gl.constexpr, ST: gl.constexpr, XS: gl.constexpr):
+        """The ST-slot ring of weight sub-tiles in shared memory; with XS a ring for x too
+        (``[4 (p%4), BM, 4 (p//4), 8]`` a slot) and the pointers/mask its copies use (without
+        XS: the ring and x's own pointers, unused)."""
+        NW: gl.constexpr = gl.num_warps()
+        ring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],
+                                         gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        if XS:
+            LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
+            xring = gl.allocate_shared_memory(DT, [ST, 4, BLOCK_M, 4, 8],
+                                              gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+            cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+            cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+            ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
+            cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
+            cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
+            cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
+            ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
+            cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
+            xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
+            xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
+        else:
+            xring = ring
+            xc_base = x_base
+            xc_mask = x_mask
+        return ring, xring, xc_base, xc_mask
+
+    @gluon.jit
+    def _ring_acc(acc, zero, ring, xring, w_base, z_base, s_base, x_base, x_mask, xc_base,
+                  xc_mask, k_lo, nsub, GROUP: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_M: gl.constexpr, NSUB: gl.constexpr, ST: gl.constexpr,
+                  XS: gl.constexpr, CH: gl.constexpr, EVICT: gl.constexpr):
+        """``acc`` plus the sub-tiles ``k_lo / 128 ..`` (``nsub`` of them, a multiple of NSUB) of
+        the rows at ``w_base``: NSUB sub-tiles a step (independent mma chains), the weights (and
+        with XS, x) through the ST-slot cp.async ring, D = ST - NSUB sub-tiles ahead; the ring
+        is drained on return."""
+        NW: gl.constexpr = gl.num_warps()
+        DT: gl.constexpr = x_base.dtype.element_ty
+        BF16: gl.constexpr = DT == gl.bfloat16
+        P: gl.constexpr = 3 if BF16 else 6
+        ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
+        ASM: gl.constexpr = _asm(BF16)
+        LW: gl.constexpr = _word_layout(BLOCK_N, NW)
+        LX: gl.constexpr = _x_layout(BLOCK_M, NW)
+        MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
+        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        D: gl.constexpr = ST - NSUB
+        for j in gl.static_range(D):
+            kj = k_lo + (j % nsub) * SUBK
+            cp.async_copy_global_to_shared(ring.index(j), w_base + kj // 8, eviction_policy=EVICT)
+            if XS:
+                cp.async_copy_global_to_shared(xring.index(j), xc_base + kj, mask=xc_mask)
+            cp.commit_group()
+        z1 = gl.load(z_base + k_lo // GROUP).to(gl.int32)
+        s1 = gl.load(s_base + k_lo // GROUP).to(gl.float32)
+        for i0 in range(0, nsub, NSUB):
+            for u in gl.static_range(NSUB):
+                kc = k_lo + ((i0 + u + D) % nsub) * SUBK      # wraps at the end: unused
+                cp.async_copy_global_to_shared(ring.index((i0 + u + D) % ST), w_base + kc // 8,
+                                               eviction_policy=EVICT)
+                if XS:
+                    cp.async_copy_global_to_shared(xring.index((i0 + u + D) % ST), xc_base + kc,
+                                                   mask=xc_mask)
+                cp.commit_group()
+            cp.wait_group(D)
+            for u in gl.static_range(NSUB):
+                ks = k_lo + (i0 + u) * SUBK
+                z = z1
+                s = s1
+                kn = k_lo + ((i0 + u + 1) % nsub) * SUBK      # z, s: one sub-tile ahead
+                z1 = gl.load(z_base + kn // GROUP).to(gl.int32)
+                s1 = gl.load(s_base + kn // GROUP).to(gl.float32)
+                if XS:
+                    xr = xring.index((i0 + u) % ST).load(_xring_read_layout(BLOCK_M, NW))
+                    xv = gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)),
+                                                      [16, BLOCK_M, 8]), LX)
+                else:
+                    xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
+                w = ring.index((i0 + u) % ST).load(LW)
+                part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
+                                LA, LB, zero, CH)
+                acc = acc + part * gl.expand_dims(s * 16.0, 1)
+        cp.wait_group(0)
+        return acc
+
+    @gluon.jit
     def _int4_gemv_gluon(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, fin_ptr, cnt_ptr, M, N, K, G,
                          stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -215,63 +256,13 @@ if HAVE_GLUON:
         s_base = s_ptr + (offs_nc % N) * G
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        if ST > 0:                       # NSUB sub-tiles a step (independent mma chains);
-            nsub = K // (SUBK * SPLIT_K)                # the weights (and with XS, x) come
-            k_lo = pid_k * nsub * SUBK                  # through an ST-slot cp.async ring in
-            D: gl.constexpr = ST - NSUB                 # shared memory, one sub-tile a slot,
-            ring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],  # D sub-tiles ahead
-                                             gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-            if XS:                       # x [4 (p%4), BM, 4 (p//4), 8] per slot, copied once
-                LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1],
-                                                     [3, 2, 1, 0])
-                xring = gl.allocate_shared_memory(DT, [ST, 4, BLOCK_M, 4, 8],
-                                                  gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
-                cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
-                cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
-                ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
-                cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
-                cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
-                cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
-                ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
-                cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
-                xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
-                xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
-            for j in gl.static_range(D):
-                kj = k_lo + (j % nsub) * SUBK
-                cp.async_copy_global_to_shared(ring.index(j), w_base + kj // 8, eviction_policy=EVICT)
-                if XS:
-                    cp.async_copy_global_to_shared(xring.index(j), xc_base + kj, mask=xc_mask)
-                cp.commit_group()
-            z1 = gl.load(z_base + k_lo // GROUP).to(gl.int32)
-            s1 = gl.load(s_base + k_lo // GROUP).to(gl.float32)
-            for i0 in range(0, nsub, NSUB):
-                for u in gl.static_range(NSUB):
-                    kc = k_lo + ((i0 + u + D) % nsub) * SUBK      # wraps at the end: unused
-                    cp.async_copy_global_to_shared(ring.index((i0 + u + D) % ST), w_base + kc // 8,
-                                                   eviction_policy=EVICT)
-                    if XS:
-                        cp.async_copy_global_to_shared(xring.index((i0 + u + D) % ST), xc_base + kc,
-                                                       mask=xc_mask)
-                    cp.commit_group()
-                cp.wait_group(D)
-                for u in gl.static_range(NSUB):
-                    ks = k_lo + (i0 + u) * SUBK
-                    z = z1
-                    s = s1
-                    kn = k_lo + ((i0 + u + 1) % nsub) * SUBK      # z, s: one sub-tile ahead
-                    z1 = gl.load(z_base + kn // GROUP).to(gl.int32)
-                    s1 = gl.load(s_base + kn // GROUP).to(gl.float32)
-                    if XS:
-                        xr = xring.index((i0 + u) % ST).load(_xring_read_layout(BLOCK_M, NW))
-                        xv = gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)),
-                                                          [16, BLOCK_M, 8]), LX)
-                    else:
-                        xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
-                    w = ring.index((i0 + u) % ST).load(LW)
-                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
-                                    LA, LB, zero, CH)
-                    acc = acc + part * gl.expand_dims(s * 16.0, 1)
-            cp.wait_group(0)
+        if ST > 0:                       # NSUB sub-tiles a step through the cp.async ring
+            nsub = K // (SUBK * SPLIT_K)
+            ring, xring, xc_base, xc_mask = _ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT,
+                                                        BLOCK_N, BLOCK_M, ST, XS)
+            acc = _ring_acc(acc, zero, ring, xring, w_base, z_base, s_base, x_base, x_mask,
+                            xc_base, xc_mask, pid_k * nsub * SUBK, nsub, GROUP, BLOCK_N,
+                            BLOCK_M, NSUB, ST, XS, CH, EVICT)
         elif PF == 0:                      # loop over BLOCK_K blocks, NSUB sub-tiles unrolled
             nkb = K // (BLOCK_K * SPLIT_K)              # K blocks per split (loop over block
             kb_lo = pid_k * nkb                         # indices: ks stays a multiple of 128)
@@ -320,16 +311,17 @@ if HAVE_GLUON:
             o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
-def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False):
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0):
     """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step, that many
     sub-tiles' loads ahead in registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the
     weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through the
     ring too, not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
     halves. sk > 1: the K slices' partials are added by the tile's last program (splitk_gluon).
-    ev: the weights are loaded with the L2 evict-first policy (they are read once)."""
+    ev: the weights are loaded with the L2 evict-first policy (they are read once). ctas (with
+    st): stream-K, that many programs per SM sharing the K steps evenly (int_gemv_streamk.py)."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
             "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch,
-            **({"EVICT": True} if ev else {})}
+            **({"EVICT": True} if ev else {}), **({"CTAS": ctas} if ctas else {})}
 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
@@ -348,7 +340,8 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
          cfg(128, 256, st=6, xs=True), cfg(128, 256, sk=2, st=4, xs=True), cfg(128, sk=4, pf=1),
          cfg(64, pf=2, bm=8), cfg(128, pf=2, ev=True)] + [
     cfg(128, 256, st=4, bm=8, xs=True, ch=2), cfg(128, 256, st=4, xs=True, ch=2), cfg(128, pf=2, ch=2),
-    cfg(64, 256, sk=4, bm=8, ch=2), cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)]
+    cfg(64, 256, sk=4, bm=8, ch=2), cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)] + [
+    cfg(128, 256, st=4, bm=bm, xs=True, ctas=n) for bm in (8, 16) for n in (2, 3)]   # stream-K
 
 
 def format_fits(spec, K: int) -> bool:
@@ -367,12 +360,16 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
             and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
-            and not (c.get("XS") and (nw != 4 or not c.get("ST"))))
+            and not (c.get("XS") and (nw != 4 or not c.get("ST")))
+            and not (c.get("CTAS") and (sk != 1 or not c.get("ST") or c.get("CH", 1) != 1)))
 
 
 def launch(x, t, spec, N, K, c, out=None):
     """Run one config: x [M, K] (bf16/fp16, contiguous rows) -> out [M, N] in x.dtype."""
     import torch
+    if c.get("CTAS"):
+        from runtime.kernels import int_gemv_streamk
+        return int_gemv_streamk.launch(x, t, spec, N, K, c, out)
     import triton
     from runtime.kernels.splitk import fused_counters, partials, sum_partials
     from runtime.kernels.common import prepare_gluon
