@@ -128,6 +128,15 @@ if HAVE_GLUON:
         return mma_v2(a, b, zero)
 
     @gluon.jit
+    def _x_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr):
+        """Pointers and mask of x's ``[16 (p), BM, 8 (code)]`` tile at K = 0, in ``_x_layout``."""
+        LX: gl.constexpr = _x_layout(BLOCK_M, gl.num_warps())
+        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
+        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
+        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        return x_ptr + xm * stride_xm + xp * 8 + xc, (xm < M) & (xp >= 0) & (xc >= 0)
+
+    @gluon.jit
     def _ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                     BLOCK_M: gl.constexpr, ST: gl.constexpr, XS: gl.constexpr):
         """The ST-slot ring of weight sub-tiles in shared memory; with XS a ring for x too
@@ -230,13 +239,9 @@ if HAVE_GLUON:
         ASM: gl.constexpr = _asm(BF16)
         NSUB: gl.constexpr = BLOCK_K // 128
         LW: gl.constexpr = _word_layout(BLOCK_N, NW)
-        LX: gl.constexpr = _x_layout(BLOCK_M, NW)
         MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
         LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
         LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
-        LX1: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LX))
-        LX2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LX))
-        LX3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LX))
 
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -246,11 +251,7 @@ if HAVE_GLUON:
         w_base = qw_ptr + gl.expand_dims(rows_w * stride_qw, 1) + gl.expand_dims(offs_p, 0)
         z_base = z_ptr + rows_w * G
         # x: physical word p, row m, code c
-        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=LX1), 1), 2)
-        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=LX2), 0), 2)
-        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=LX3), 0), 1)
-        x_base = x_ptr + xm * stride_xm + xp * 8 + xc
-        x_mask = (xm < M) & (xp >= 0) & (xc >= 0)
+        x_base, x_mask = _x_ptrs(x_ptr, stride_xm, M, BLOCK_M)
         # scales: rows in the accumulator's layout
         offs_nc = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         s_base = s_ptr + (offs_nc % N) * G
@@ -326,7 +327,7 @@ def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
 # some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py and, for the split
-# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27/28).
+# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27).
 CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, bm=8),
            cfg(64, 256, sk=4, bm=8, ev=True), cfg(128, sk=4, pf=1, ev=True),
            cfg(128, sk=2, pf=1, ev=True), cfg(128, pf=2), cfg(64, pf=2, bm=8, ev=True),

@@ -56,21 +56,13 @@ if HAVE_GLUON:
         DT: gl.constexpr = x_ptr.dtype.element_ty
         NSUB: gl.constexpr = BLOCK_K // 128
         LW: gl.constexpr = V._word_layout(BLOCK_N, NW)
-        LX: gl.constexpr = V._x_layout(BLOCK_M, NW)
         MMA: gl.constexpr = V._mma_layout(NW, BLOCK_M)
-        LX1: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, LX))
-        LX2: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, LX))
-        LX3: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, LX))
         pid = gl.program_id(0)
         U = T * S
         u0 = pid * U // P
         u1 = (pid + 1) * U // P
         offs_p = gl.arange(0, 16, layout=gl.SliceLayout(0, LW))
-        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=LX1), 1), 2)
-        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=LX2), 0), 2)
-        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=LX3), 0), 1)
-        x_base = x_ptr + xm * stride_xm + xp * 8 + xc
-        x_mask = (xm < M) & (xp >= 0) & (xc >= 0)
+        x_base, x_mask = V._x_ptrs(x_ptr, stride_xm, M, BLOCK_M)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         ring, xring, xc_base, xc_mask = V._ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT,
