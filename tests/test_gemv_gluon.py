@@ -33,7 +33,7 @@ def _check(y, ref, dtype, M, N):
     y = y.float()
     assert bool(torch.isfinite(y).all())
     rel = float((y - ref).norm() / ref.norm())
-    # (q - z)/16 and the products are exact; float32 sums, then one rounding to x's dtype
+    # q - z and the products are exact; float32 sums, then one rounding to x's dtype
     assert rel < (8e-3 if dtype == torch.bfloat16 else 2e-3), rel
     tol = (2 ** -7 if dtype == torch.bfloat16 else 2 ** -10) * ref.abs().max() + 1e-3
     assert float((y - ref).abs().max()) <= 4 * float(tol)
@@ -64,6 +64,21 @@ def test_all_configs(c):
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(64, 256)])
+def test_x_rows_at_odd_offsets(c):
+    """x a view whose rows start at odd bf16 offsets (odd row stride, data 2 bytes past a word):
+    the PF loops read x as 32-bit words, so ``launch`` gives them an aligned copy."""
+    N, K, M = 256, 1024, 5
+    x, t, ref = _inputs(N, K, M, torch.bfloat16, seed=5)
+    big = torch.zeros(M, K + 1, device="cuda", dtype=torch.bfloat16)
+    big[:, 1:] = x
+    xv = big[:, 1:]
+    assert xv.stride(0) % 2 == 1 and xv.data_ptr() % 4 == 2
+    _check(G.launch(xv, t, SPEC, N, K, c), ref, torch.bfloat16, M, N)
+
+
+@pytest.mark.cuda
+@gpu
 def test_ragged_n_and_strided_out():
     """N not a multiple of BLOCK_N (rows are clamped on load, masked on store)."""
     N, K, M = 300, 1024, 7
@@ -75,13 +90,15 @@ def test_ragged_n_and_strided_out():
 @gpu
 @pytest.mark.parametrize("pf,st,bk,xs", [(1, 0, 128, 0), (2, 0, 128, 0), (0, 4, 128, 0), (0, 8, 128, 0),
                                          (0, 4, 256, 0), (0, 4, 128, 1), (0, 4, 256, 1)])
-@pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (4096, 1024, 4), (256, 8192, 2)])
+@pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (300, 384, 1), (300, 512, 1),
+                                    (300, 640, 1), (4096, 1024, 4), (256, 8192, 2)])
 def test_prefetch_edges(N, K, sk, pf, st, bk, xs):
     """PF loops and the cp.async ring (x in it too with XS): fewer sub-tiles per split than the
-    prefetch distance or ring slots (the prefetch wraps), ragged N, bf16 and fp16."""
+    prefetch distance or ring slots (the prefetch wraps), 1-5 sub-tiles (every remainder of
+    the PF loops' unrolling by PF + 1), ragged N, bf16 and fp16."""
     c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xs))
     if not G.valid(c, 7, N, K, SPEC):
-        assert bk * sk > K
+        assert K % (bk * sk)                     # K not a whole number of steps
         return
     for dtype in (torch.bfloat16, torch.float16):
         x, t, ref = _inputs(N, K, 7, dtype, seed=K + pf + st)

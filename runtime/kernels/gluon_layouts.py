@@ -50,12 +50,23 @@ def x_layout_bases(BM: int, NW: int):
 
 
 @_cfn
-def _asm(bf16: bool, scaled: bool = False) -> str:
+def x_word_layout_bases(BM: int, NW: int):
+    """(reg, lane, warp) bases of x as 32-bit words ``[16 (p), BM, 4 (code pair)]``: the same
+    threads and order as ``x_layout_bases`` with the lowest code bit inside the word."""
+    reg, lane, warp = x_layout_bases(BM, NW)
+    return [[0, 0, 1], [0, 0, 2]] + reg[3:], lane, warp
+
+
+@_cfn
+def _asm(bf16: bool, scaled: bool = False, low: bool = False) -> str:
     """``(lo, hi) = halves of ((v & MASK) | ONE) - Z2``: codes at bits 3..6 (bf16) / 6..9 (fp16)
     under the exponent of 1.0 give ``1 + q/16``; minus ``1 + z/16`` is exact (``scaled``: then
-    times ``$4`` = 16 s, twice, one rounding: ``(q - z) s``)."""
-    p = 3 if bf16 else 6
-    mask, one = (0xF << p) * 0x10001, (0x3F80 if bf16 else 0x3C00) * 0x10001
+    times ``$4`` = 16 s, twice, one rounding: ``(q - z) s``). ``low``: the codes at bits 0..3
+    under the exponent of 128 (bf16) / 1024 (fp16), where the last mantissa bit is 1: ``128 + q``
+    minus ``128 + z`` is ``q - z`` (the code at bit 0 needs no shift)."""
+    p = 0 if low else (3 if bf16 else 6)
+    one = (0x4300 if bf16 else 0x6400) if low else (0x3F80 if bf16 else 0x3C00)
+    mask, one = (0xF << p) * 0x10001, one * 0x10001
     ty = "bf16x2" if bf16 else "f16x2"
     mul = f"mul.rn.{ty} t, t, $4; " if scaled else ""
     return (f"{{ .reg .b32 t; lop3.b32 t, $2, {mask}, {one}, 0xEA; sub.rn.{ty} t, t, $3; "

@@ -14,8 +14,8 @@ The dot is invariant under a permutation of K applied to both operands, so the k
 "logical" K order in which a thread's words are contiguous in memory: physical word
 ``p = 4a + b`` of a 128-wide sub-tile is logical word ``w = 4b + a``. The words are loaded as
 ``[BN, 16]`` in layout ``_word_layout`` (reg p1 p2: one 16-byte load per thread and 16 rows),
-unpacked in registers (shift, lop3 with the float exponent, packed bf16x2/f16x2 subtract of the
-zero point: ``(q - z) / 16`` exactly) into 8 tensors that ``join`` stacks along new register
+unpacked in registers (shift, lop3 with the exponent of 128 / 1024, packed bf16x2/f16x2
+subtract of ``128 + z`` / ``1024 + z``: ``q - z`` exactly) into 8 tensors that ``join`` stacks along new register
 axes, and ``reshape/permute`` turns ``[BN, 4(a), 4(b), 8]`` into ``[BN, 128]`` in logical
 order: that linear layout is the A-operand layout, so the final ``convert_layout`` moves no data.
 Inside a word the order is ``i = 4 jh + 2 jl + h`` for code ``j + 4h`` (j = 2 jh + jl): the
@@ -24,8 +24,10 @@ pair (codes j, j + 4) that one lop3 extracts is the low/high half of one mma reg
 x.T goes in as the B operand (k_width 8), in layout ``_x_layout`` over ``[16 (p), BM, 8 (code)]``
 (16-byte loads from global memory, or with XS from the cp.async ring), permuted the same way
 (one PRMT per register; copying x into pair order first was slower on the H100:
-benchmarks/results/gluon-gemv-first-h100-2026-11-27.txt). The
-per-group scale (fp16 -> fp32, times 16) is applied to each sub-tile's mma result in float32;
+benchmarks/results/gluon-gemv-first-h100-2026-11-27.txt). Where x is held from one step to the
+next (PF), it is loaded and carried as 32-bit words and split into halves just before use (as
+16-bit values across the loop, ptxas moved their halves with 4-5 PRMT each). The
+per-group scale (fp16 -> fp32) is applied to each sub-tile's mma result in float32;
 one sub-tile = 128 K = one quantization group, so GROUP must be a multiple of 128.
 Each program owns BLOCK_N rows and a 1/SPLIT_K slice of K (float32 partials, summed in order);
 the loops (plain, PF, ST/XS) are described at ``cfg``.
@@ -42,99 +44,13 @@ except Exception:                                      # pragma: no cover - depe
     gluon = gl = mma_v2 = cp = None
     HAVE_GLUON = False
 
-from runtime.kernels.gluon_layouts import (SUBK, SUBK_K, _asm, _cfn,  # noqa: E402,F401 - re-exported
-                                           word_layout_bases, x_layout_bases)
+from runtime.kernels.gluon_layouts import SUBK, SUBK_K, _asm  # noqa: E402,F401 - re-exported
 
 
 if HAVE_GLUON:
-    @_cfn
-    def _word_layout(BN, NW):
-        reg, lane, warp = word_layout_bases(BN, NW)
-        return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, 16])
-
-    @_cfn
-    def _x_layout(BM, NW):
-        reg, lane, warp = x_layout_bases(BM, NW)
-        return gl.DistributedLinearLayout(reg, lane, warp, [], [16, BM, 8])
-
-    @_cfn
-    def _xring_read_layout(BM, NW):
-        """x sub-tile in shared memory as ``[4 (p % 4), BM, 4 (p // 4), 8]``: read so that, once
-        permuted to ``[16 (p), BM, 8]``, it is ``_x_layout`` (and the 8 lanes of a phase hit 8
-        different 16-byte bank groups)."""
-        reg = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [1, 0, 0, 0], [2, 0, 0, 0]]
-        if BM == 16:
-            reg.append([0, 8, 0, 0])
-        lane = [[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
-        warp = [[0, 0, 0, 0] for _ in range(NW.bit_length() - 1)]
-        return gl.DistributedLinearLayout(reg, lane, warp, [], [4, BM, 4, 8])
-
-    @_cfn
-    def _mma_layout(NW, BM):
-        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
-
-    @gluon.jit
-    def _align(w, SH: gl.constexpr, P: gl.constexpr):
-        """The words shifted so that the code at bit SH (and SH + 16) sits at bit P."""
-        if SH > P:
-            return w >> (SH - P)
-        elif SH < P:
-            return w << (P - SH)
-        else:
-            return w
-
-    @gluon.jit
-    def _pair(w, SH: gl.constexpr, Z2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
-        """Codes SH/4 and SH/4 + 4 of every word as two DT tensors ``(q - z) / 16``."""
-        v = _align(w, SH, P)
-        if DT == gl.bfloat16:
-            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
-                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        else:
-            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
-                                             dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-
-    @gluon.jit
-    def _loads(w_base, z_base, s_base, x_base, x_mask, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
-        """Sub-tile k's words, zeros (int32), scales (as stored) and x, from global memory."""
-        return (gl.load(w_base + k // 8, eviction_policy=EVICT), gl.load(z_base + k // GROUP).to(gl.int32),
-                gl.load(s_base + k // GROUP), gl.load(x_base + k, mask=x_mask, other=0.0))
-
-    @gluon.jit
-    def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
-                 ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 LA: gl.constexpr, LB: gl.constexpr, zero,
-                 CH: gl.constexpr = 1):
-        """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
-        operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with
-        CH = 2 two independent mmas over the K halves, added (accumulator chains half as long)."""
-        Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)                 # 1 + z/16, twice
-        l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
-        l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
-        l2, h2 = _pair(w, 8, Z2, P, DT, ASM)
-        l3, h3 = _pair(w, 12, Z2, P, DT, ASM)
-        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
-                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
-        t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
-        a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)             # no data moves
-        xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                          # a b m h jh jl
-        xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                                # b a jh jl h m
-        b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
-        if CH == 2:                      # split on the top K bit (a register bit of both)
-            a0, a1 = gl.split(gl.permute(gl.reshape(a, [BLOCK_N, 2, SUBK // 2]), (0, 2, 1)))
-            b0, b1 = gl.split(gl.permute(gl.reshape(b, [2, SUBK // 2, BLOCK_M]), (1, 2, 0)))
-            return (mma_v2(gl.convert_layout(a0, LA), gl.convert_layout(b0, LB), zero)
-                    + mma_v2(gl.convert_layout(a1, LA), gl.convert_layout(b1, LB), zero))
-        return mma_v2(a, b, zero)
-
-    @gluon.jit
-    def _x_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr):
-        """Pointers and mask of x's ``[16 (p), BM, 8 (code)]`` tile at K = 0, in ``_x_layout``."""
-        LX: gl.constexpr = _x_layout(BLOCK_M, gl.num_warps())
-        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
-        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
-        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
-        return x_ptr + xm * stride_xm + xp * 8 + xc, (xm < M) & (xp >= 0) & (xc >= 0)
+    from runtime.kernels.gluon_gemv_parts import (_align, _loads, _mma_layout, _sub_dot,  # noqa: F401
+                                                  _word_layout, _x_layout, _x_ptrs, _x_unpack,
+                                                  _xring_read_layout, _xw_ptrs)
 
     @gluon.jit
     def _ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -177,9 +93,9 @@ if HAVE_GLUON:
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_base.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
-        P: gl.constexpr = 3 if BF16 else 6
-        ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
-        ASM: gl.constexpr = _asm(BF16)
+        P: gl.constexpr = 0
+        ONE: gl.constexpr = 0x4300 if BF16 else 0x6400
+        ASM: gl.constexpr = _asm(BF16, False, True)
         LW: gl.constexpr = _word_layout(BLOCK_N, NW)
         LX: gl.constexpr = _x_layout(BLOCK_M, NW)
         MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
@@ -220,8 +136,57 @@ if HAVE_GLUON:
                 w = ring.index((i0 + u) % ST).load(LW)
                 part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
                                 LA, LB, zero, CH)
-                acc = acc + part * gl.expand_dims(s * 16.0, 1)
+                acc = acc + part * gl.expand_dims(s, 1)
         cp.wait_group(0)
+        return acc
+
+    @gluon.jit
+    def _pf_step(acc, zero, w, z, s, xw, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                 BLOCK_M: gl.constexpr, CH: gl.constexpr):
+        """``acc`` plus one sub-tile held in registers (``_loads``: x as words)."""
+        NW: gl.constexpr = gl.num_warps()
+        BF16: gl.constexpr = DT == gl.bfloat16
+        MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
+        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), 0, DT, _asm(BF16, False, True),
+                        0x4300 if BF16 else 0x6400, BLOCK_N, BLOCK_M, LA, LB, zero, CH)
+        return acc + part * gl.expand_dims(s.to(gl.float32), 1)
+
+    @gluon.jit
+    def _pf_acc(acc, zero, w_base, z_base, s_base, xw_base, xw_mask, k_lo, nsub,
+                DT: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                PF: gl.constexpr, CH: gl.constexpr, EVICT: gl.constexpr):
+        """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of the rows at ``w_base``, one a
+        step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
+        clamped to the last sub-tile: valid, unused). PF 2: three register sets used in turn,
+        the loop unrolled 3 times so that no set is copied into another (as a rotation, the
+        copies cost 50-70 moves a step)."""
+        last = k_lo + (nsub - 1) * SUBK
+        wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask, k_lo, GROUP, EVICT)
+        if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
+            for i in range(nsub):
+                w, z, s, xw = wa, za, sa, xa
+                wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                        gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, w, z, s, xw, DT, BLOCK_N, BLOCK_M, CH)
+        else:
+            wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                    gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
+            for i in range(0, nsub - 2, 3):
+                k = k_lo + i * SUBK
+                wc, zc, sc, xc = _loads(w_base, z_base, s_base, xw_base, xw_mask, k + 2 * SUBK, GROUP, EVICT)
+                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
+                wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                        gl.minimum(k + 3 * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
+                wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                        gl.minimum(k + 4 * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, wc, zc, sc, xc, DT, BLOCK_N, BLOCK_M, CH)
+            if nsub % 3 >= 1:
+                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
+            if nsub % 3 == 2:
+                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
         return acc
 
     @gluon.jit
@@ -234,9 +199,9 @@ if HAVE_GLUON:
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
-        P: gl.constexpr = 3 if BF16 else 6
-        ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
-        ASM: gl.constexpr = _asm(BF16)
+        P: gl.constexpr = 0
+        ONE: gl.constexpr = 0x4300 if BF16 else 0x6400
+        ASM: gl.constexpr = _asm(BF16, False, True)
         NSUB: gl.constexpr = BLOCK_K // 128
         LW: gl.constexpr = _word_layout(BLOCK_N, NW)
         MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
@@ -276,32 +241,13 @@ if HAVE_GLUON:
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)          # [16, BM, 8]
                     part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
                                     LA, LB, zero, CH)
-                    s = gl.load(s_base + gi).to(gl.float32) * 16.0
+                    s = gl.load(s_base + gi).to(gl.float32)
                     acc = acc + part * gl.expand_dims(s, 1)
-        else:                            # one sub-tile a step, loads PF sub-tiles ahead in
-            nsub = K // (SUBK * SPLIT_K)                # registers (the last ones wrap to the
-            k_lo = pid_k * nsub * SUBK                  # split's start: valid, unused)
-            w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, k_lo, GROUP, EVICT)
-            if PF == 2:
-                w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask,
-                                        k_lo + (1 % nsub) * SUBK, GROUP, EVICT)
-            for i in range(nsub):
-                w = w1
-                z = z1
-                s = s1
-                xv = x1
-                kn = k_lo + ((i + PF) % nsub) * SUBK
-                if PF == 2:
-                    w1 = w2
-                    z1 = z2
-                    s1 = s2
-                    x1 = x2
-                    w2, z2, s2, x2 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP, EVICT)
-                else:
-                    w1, z1, s1, x1 = _loads(w_base, z_base, s_base, x_base, x_mask, kn, GROUP, EVICT)
-                part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
-                                LA, LB, zero, CH)
-                acc = acc + part * gl.expand_dims(s.to(gl.float32) * 16.0, 1)
+        else:                            # one sub-tile a step, PF sub-tiles' loads in flight
+            nsub = K // (SUBK * SPLIT_K)
+            xw_base, xw_mask = _xw_ptrs(x_ptr, stride_xm, M, BLOCK_M)
+            acc = _pf_acc(acc, zero, w_base, z_base, s_base, xw_base, xw_mask, pid_k * nsub * SUBK,
+                          nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         if FIXUP:                        # split K: the tile's last program adds the partials
             finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m,
@@ -327,14 +273,16 @@ def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
 # some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py and, for the split
-# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27).
+# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27; the last two,
+# split-K PF 2, benchmarks/gemv_ab.py and the tuner on an H200, 2026-11-27).
 CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, bm=8),
            cfg(64, 256, sk=4, bm=8, ev=True), cfg(128, sk=4, pf=1, ev=True),
            cfg(128, sk=2, pf=1, ev=True), cfg(128, pf=2), cfg(64, pf=2, bm=8, ev=True),
            cfg(64, sk=4, pf=2, bm=8), cfg(64, 256, sk=4, st=4), cfg(64, 128, st=4, bm=8, xs=True),
            cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
            cfg(128, 128, st=4, xs=True), cfg(128, 256, sk=2, st=4, bm=8, xs=True),
-           cfg(128, 256, sk=4, st=4, bm=8, xs=True), cfg(128, 256, sk=4, st=4, xs=True)]
+           cfg(128, 256, sk=4, st=4, bm=8, xs=True), cfg(128, 256, sk=4, st=4, xs=True),
+           cfg(128, sk=4, pf=2), cfg(128, sk=4, pf=2, bm=8)]
 # Tried, not offered to the tuner (none won; benchmarks/gluon_gemv.py --extra,
 # benchmarks/gemv_ceiling.py; RESULTS.md):
 EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(64, 512, st=8, xs=True),
@@ -342,7 +290,9 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
          cfg(64, pf=2, bm=8), cfg(128, pf=2, ev=True)] + [
     cfg(128, 256, st=4, bm=8, xs=True, ch=2), cfg(128, 256, st=4, xs=True, ch=2), cfg(128, pf=2, ch=2),
     cfg(64, 256, sk=4, bm=8, ch=2), cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)] + [
-    cfg(128, 256, st=4, bm=bm, xs=True, ctas=n) for bm in (8, 16) for n in (2, 3)]   # stream-K
+    cfg(128, 256, st=4, bm=bm, xs=True, ctas=n) for bm in (8, 16) for n in (2, 3)] + [  # stream-K
+    cfg(128, pf=2, bm=8), cfg(128, sk=2, pf=2), cfg(128, pf=2, nw=8, bm=8),             # PF probes
+    cfg(64, sk=4, pf=2), cfg(64, sk=2, pf=2, bm=8)]
 
 
 def format_fits(spec, K: int) -> bool:
@@ -375,6 +325,8 @@ def launch(x, t, spec, N, K, c, out=None):
     from runtime.kernels.splitk import fused_counters, partials, sum_partials
     from runtime.kernels.common import prepare_gluon
     M, g, out = prepare_gluon(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
+    if c.get("PF") and (x.data_ptr() % 4 or x.stride(0) % 2):    # PF reads x as 32-bit words
+        x = x.clone(memory_format=torch.contiguous_format)
     sk = c["SPLIT_K"]
     dst = partials(out, sk)                            # float32 [sk, M, N] when K is split
     tiles = triton.cdiv(N, c["BLOCK_N"])

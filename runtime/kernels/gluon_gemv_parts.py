@@ -1,0 +1,139 @@
+"""The building blocks of the Gluon int4 GEMV (int_gemv_gluon.py, whose docstring explains the
+layouts and the K order): the linear layouts of the packed words, x and the mma, the unpacking of
+a word pair into the A operand (``_pair``), one 128-wide sub-tile's mma (``_sub_dot``), and x's
+pointers, as bf16/fp16 values or (``_xw_ptrs`` / ``_x_unpack``) as 32-bit words.
+"""
+from __future__ import annotations
+
+try:                                                   # gluon: triton >= 3.5 (written for 3.6)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    HAVE_GLUON = True
+except Exception:                                      # pragma: no cover - depends on triton
+    gluon = gl = mma_v2 = None
+    HAVE_GLUON = False
+
+from runtime.kernels.gluon_layouts import (SUBK, _cfn, word_layout_bases,  # noqa: E402
+                                           x_layout_bases, x_word_layout_bases)
+
+
+if HAVE_GLUON:
+    @_cfn
+    def _word_layout(BN, NW):
+        reg, lane, warp = word_layout_bases(BN, NW)
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [BN, 16])
+
+    @_cfn
+    def _x_layout(BM, NW):
+        reg, lane, warp = x_layout_bases(BM, NW)
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [16, BM, 8])
+
+    @_cfn
+    def _xw_layout(BM, NW):
+        reg, lane, warp = x_word_layout_bases(BM, NW)
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [16, BM, 4])
+
+    @_cfn
+    def _xring_read_layout(BM, NW):
+        """x sub-tile in shared memory as ``[4 (p % 4), BM, 4 (p // 4), 8]``: read so that, once
+        permuted to ``[16 (p), BM, 8]``, it is ``_x_layout`` (and the 8 lanes of a phase hit 8
+        different 16-byte bank groups)."""
+        reg = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [1, 0, 0, 0], [2, 0, 0, 0]]
+        if BM == 16:
+            reg.append([0, 8, 0, 0])
+        lane = [[0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
+        warp = [[0, 0, 0, 0] for _ in range(NW.bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [4, BM, 4, 8])
+
+    @_cfn
+    def _mma_layout(NW, BM):
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+
+    @gluon.jit
+    def _align(w, SH: gl.constexpr, P: gl.constexpr):
+        """The words shifted so that the code at bit SH (and SH + 16) sits at bit P."""
+        if SH > P:
+            return w >> (SH - P)
+        elif SH < P:
+            return w << (P - SH)
+        else:
+            return w
+
+    @gluon.jit
+    def _pair(w, SH: gl.constexpr, Z2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
+        """Codes SH/4 and SH/4 + 4 of every word as two DT tensors ``q - z`` (``_asm``)."""
+        v = _align(w, SH, P)
+        if DT == gl.bfloat16:
+            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
+                                             dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            return gl.inline_asm_elementwise(ASM, "=h,=h,r,r", [v, Z2],
+                                             dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+    @gluon.jit
+    def _loads(w_base, z_base, s_base, xw_base, x_mask, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
+        """Sub-tile k's words, zeros (int32), scales (as stored) and x as 32-bit words (code
+        pairs: values carried from one step to the next stay whole registers), from global
+        memory."""
+        return (gl.load(w_base + k // 8, eviction_policy=EVICT), gl.load(z_base + k // GROUP).to(gl.int32),
+                gl.load(s_base + k // GROUP), gl.load(xw_base + k // 2, mask=x_mask, other=0))
+
+    @gluon.jit
+    def _x_unpack(xw, DT: gl.constexpr, BLOCK_M: gl.constexpr):
+        """x words ``[16, BM, 4]`` (``_xw_layout``) as DT ``[16, BM, 8]`` (``_x_layout``)."""
+        if DT == gl.bfloat16:
+            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw],
+                                               dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [xw],
+                                               dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        return gl.convert_layout(gl.reshape(gl.join(lo, hi), [16, BLOCK_M, 8]),
+                                 _x_layout(BLOCK_M, gl.num_warps()))
+
+    @gluon.jit
+    def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
+                 ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                 LA: gl.constexpr, LB: gl.constexpr, zero,
+                 CH: gl.constexpr = 1):
+        """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
+        operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with
+        CH = 2 two independent mmas over the K halves, added (accumulator chains half as long)."""
+        Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)                 # ONE + z, twice
+        l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
+        l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
+        l2, h2 = _pair(w, 8, Z2, P, DT, ASM)
+        l3, h3 = _pair(w, 12, Z2, P, DT, ASM)
+        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
+                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
+        t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
+        a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)             # no data moves
+        xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                          # a b m h jh jl
+        xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                                # b a jh jl h m
+        b = gl.convert_layout(gl.reshape(xv, [SUBK, BLOCK_M]), LB)
+        if CH == 2:                      # split on the top K bit (a register bit of both)
+            a0, a1 = gl.split(gl.permute(gl.reshape(a, [BLOCK_N, 2, SUBK // 2]), (0, 2, 1)))
+            b0, b1 = gl.split(gl.permute(gl.reshape(b, [2, SUBK // 2, BLOCK_M]), (1, 2, 0)))
+            return (mma_v2(gl.convert_layout(a0, LA), gl.convert_layout(b0, LB), zero)
+                    + mma_v2(gl.convert_layout(a1, LA), gl.convert_layout(b1, LB), zero))
+        return mma_v2(a, b, zero)
+
+    @gluon.jit
+    def _x_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr):
+        """Pointers and mask of x's ``[16 (p), BM, 8 (code)]`` tile at K = 0, in ``_x_layout``."""
+        LX: gl.constexpr = _x_layout(BLOCK_M, gl.num_warps())
+        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
+        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
+        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        return x_ptr + xm * stride_xm + xp * 8 + xc, (xm < M) & (xp >= 0) & (xc >= 0)
+
+    @gluon.jit
+    def _xw_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr):
+        """``_x_ptrs`` for x as 32-bit words ``[16 (p), BM, 4 (code pair)]`` (``_xw_layout``;
+        x's rows are a whole number of words apart: K and the row stride are even)."""
+        LX: gl.constexpr = _xw_layout(BLOCK_M, gl.num_warps())
+        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
+        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
+        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        xw = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+        return xw + xm * (stride_xm // 2) + xp * 4 + xc, (xm < M) & (xp >= 0) & (xc >= 0)
