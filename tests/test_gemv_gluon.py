@@ -88,7 +88,8 @@ def test_ragged_n_and_strided_out():
 
 @pytest.mark.cuda
 @gpu
-@pytest.mark.parametrize("pf,st,bk,xs", [(1, 0, 128, 0), (2, 0, 128, 0), (0, 4, 128, 0), (0, 8, 128, 0),
+@pytest.mark.parametrize("pf,st,bk,xs", [(1, 0, 128, 0), (2, 0, 128, 0), (3, 0, 128, 0), (0, 4, 128, 0),
+                                         (0, 8, 128, 0),
                                          (0, 4, 256, 0), (0, 4, 128, 1), (0, 4, 256, 1)])
 @pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (300, 384, 1), (300, 512, 1),
                                     (300, 640, 1), (4096, 1024, 4), (256, 8192, 2)])

@@ -159,9 +159,9 @@ if HAVE_GLUON:
                 PF: gl.constexpr, CH: gl.constexpr, EVICT: gl.constexpr):
         """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of the rows at ``w_base``, one a
         step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
-        clamped to the last sub-tile: valid, unused). PF 2: three register sets used in turn,
-        the loop unrolled 3 times so that no set is copied into another (as a rotation, the
-        copies cost 50-70 moves a step)."""
+        clamped to the last sub-tile: valid, unused). PF 2 / 3: three / four register sets used
+        in turn, the loop unrolled 3 / 4 times so that no set is copied into another (as a
+        rotation, the copies cost 50-70 moves a step)."""
         last = k_lo + (nsub - 1) * SUBK
         wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask, k_lo, GROUP, EVICT)
         if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
@@ -170,6 +170,30 @@ if HAVE_GLUON:
                 wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
                                         gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT)
                 acc = _pf_step(acc, zero, w, z, s, xw, DT, BLOCK_N, BLOCK_M, CH)
+        elif PF == 3:                    # four sets in turn, as PF 2 below
+            wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                    gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
+            wc, zc, sc, xc = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                    gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT)
+            for i in range(0, nsub - 3, 4):
+                k = k_lo + i * SUBK
+                wd, zd, sd, xd = _loads(w_base, z_base, s_base, xw_base, xw_mask, k + 3 * SUBK, GROUP, EVICT)
+                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
+                wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                        gl.minimum(k + 4 * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
+                wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                        gl.minimum(k + 5 * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, wc, zc, sc, xc, DT, BLOCK_N, BLOCK_M, CH)
+                wc, zc, sc, xc = _loads(w_base, z_base, s_base, xw_base, xw_mask,
+                                        gl.minimum(k + 6 * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, wd, zd, sd, xd, DT, BLOCK_N, BLOCK_M, CH)
+            if nsub % 4 >= 1:
+                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
+            if nsub % 4 >= 2:
+                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
+            if nsub % 4 == 3:
+                acc = _pf_step(acc, zero, wc, zc, sc, xc, DT, BLOCK_N, BLOCK_M, CH)
         else:
             wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
                                     gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
@@ -259,7 +283,7 @@ if HAVE_GLUON:
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0):
-    """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2 = one sub-tile a step, that many
+    """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2/3 = one sub-tile a step, that many
     sub-tiles' loads ahead in registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the
     weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through the
     ring too, not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
@@ -273,8 +297,8 @@ def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
 # some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py and, for the split
-# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27; the last two,
-# split-K PF 2, benchmarks/gemv_ab.py and the tuner on an H200, 2026-11-27).
+# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27; the last three,
+# split-K PF 2 / 3, benchmarks/gemv_ab.py on an H100 and the tuner on an H200, 2026-11-27).
 CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, bm=8),
            cfg(64, 256, sk=4, bm=8, ev=True), cfg(128, sk=4, pf=1, ev=True),
            cfg(128, sk=2, pf=1, ev=True), cfg(128, pf=2), cfg(64, pf=2, bm=8, ev=True),
@@ -282,7 +306,7 @@ CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 2
            cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
            cfg(128, 128, st=4, xs=True), cfg(128, 256, sk=2, st=4, bm=8, xs=True),
            cfg(128, 256, sk=4, st=4, bm=8, xs=True), cfg(128, 256, sk=4, st=4, xs=True),
-           cfg(128, sk=4, pf=2), cfg(128, sk=4, pf=2, bm=8)]
+           cfg(128, sk=4, pf=2), cfg(128, sk=4, pf=2, bm=8), cfg(128, sk=4, pf=3, bm=8)]
 # Tried, not offered to the tuner (none won; benchmarks/gluon_gemv.py --extra,
 # benchmarks/gemv_ceiling.py; RESULTS.md):
 EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(64, 512, st=8, xs=True),
@@ -292,7 +316,9 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
     cfg(64, 256, sk=4, bm=8, ch=2), cfg(128, sk=4, pf=1, ch=2), cfg(64, 128, st=4, bm=8, xs=True, ch=2)] + [
     cfg(128, 256, st=4, bm=bm, xs=True, ctas=n) for bm in (8, 16) for n in (2, 3)] + [  # stream-K
     cfg(128, pf=2, bm=8), cfg(128, sk=2, pf=2), cfg(128, pf=2, nw=8, bm=8),             # PF probes
-    cfg(64, sk=4, pf=2), cfg(64, sk=2, pf=2, bm=8)]
+    cfg(64, sk=4, pf=2), cfg(64, sk=2, pf=2, bm=8)] + [
+    cfg(64, pf=3, bm=8, ev=True), cfg(64, sk=4, pf=3, bm=8), cfg(64, sk=2, pf=3, bm=8),  # PF 3 probes
+    cfg(128, pf=3), cfg(128, sk=4, pf=3)]
 
 
 def format_fits(spec, K: int) -> bool:
