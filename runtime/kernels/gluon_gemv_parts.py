@@ -72,10 +72,11 @@ if HAVE_GLUON:
                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
     @gluon.jit
-    def _loads(w_base, z_base, s_base, xw_base, x_mask, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
+    def _loads(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
         """Sub-tile k's words, zeros (int32), scales (as stored) and x as 32-bit words (code
         pairs: values carried from one step to the next stay whole registers), from global
-        memory."""
+        memory; ``src``: (words, zeros, scales, x words) pointers and x's mask."""
+        w_base, z_base, s_base, xw_base, x_mask = src
         return (gl.load(w_base + k // 8, eviction_policy=EVICT), gl.load(z_base + k // GROUP).to(gl.int32),
                 gl.load(s_base + k // GROUP), gl.load(xw_base + k // 2, mask=x_mask, other=0))
 

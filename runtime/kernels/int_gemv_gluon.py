@@ -141,76 +141,67 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _pf_step(acc, zero, w, z, s, xw, DT: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_M: gl.constexpr, CH: gl.constexpr):
-        """``acc`` plus one sub-tile held in registers (``_loads``: x as words)."""
+    def _pf_step(acc, zero, st, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                 CH: gl.constexpr):
+        """``acc`` plus one sub-tile held in registers: ``st`` from ``_loads`` (x as words)."""
         NW: gl.constexpr = gl.num_warps()
         BF16: gl.constexpr = DT == gl.bfloat16
         MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
         LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
         LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        w, z, s, xw = st
         part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), 0, DT, _asm(BF16, False, True),
                         0x4300 if BF16 else 0x6400, BLOCK_N, BLOCK_M, LA, LB, zero, CH)
         return acc + part * gl.expand_dims(s.to(gl.float32), 1)
 
     @gluon.jit
-    def _pf_acc(acc, zero, w_base, z_base, s_base, xw_base, xw_mask, k_lo, nsub,
-                DT: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                PF: gl.constexpr, CH: gl.constexpr, EVICT: gl.constexpr):
-        """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of the rows at ``w_base``, one a
+    def _pf_turn(acc, zero, st, src, k, DT: gl.constexpr, GROUP: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, CH: gl.constexpr,
+                 EVICT: gl.constexpr):
+        """``acc`` plus the sub-tile in register set ``st``, and the set reloaded with
+        sub-tile ``k``."""
+        acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH)
+        return acc, _loads(src, k, GROUP, EVICT)
+
+    @gluon.jit
+    def _pf_acc(acc, zero, src, k_lo, nsub, DT: gl.constexpr, GROUP: gl.constexpr,
+                BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, PF: gl.constexpr, CH: gl.constexpr,
+                EVICT: gl.constexpr):
+        """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of ``src`` (``_loads``), one a
         step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
         clamped to the last sub-tile: valid, unused). PF 2 / 3: three / four register sets used
         in turn, the loop unrolled 3 / 4 times so that no set is copied into another (as a
         rotation, the copies cost 50-70 moves a step)."""
         last = k_lo + (nsub - 1) * SUBK
-        wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask, k_lo, GROUP, EVICT)
+        a = _loads(src, k_lo, GROUP, EVICT)
         if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
             for i in range(nsub):
-                w, z, s, xw = wa, za, sa, xa
-                wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                        gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, w, z, s, xw, DT, BLOCK_N, BLOCK_M, CH)
-        elif PF == 3:                    # four sets in turn, as PF 2 below
-            wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                    gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
-            wc, zc, sc, xc = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                    gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT)
-            for i in range(0, nsub - 3, 4):
-                k = k_lo + i * SUBK
-                wd, zd, sd, xd = _loads(w_base, z_base, s_base, xw_base, xw_mask, k + 3 * SUBK, GROUP, EVICT)
-                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
-                wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                        gl.minimum(k + 4 * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
-                wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                        gl.minimum(k + 5 * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, wc, zc, sc, xc, DT, BLOCK_N, BLOCK_M, CH)
-                wc, zc, sc, xc = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                        gl.minimum(k + 6 * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, wd, zd, sd, xd, DT, BLOCK_N, BLOCK_M, CH)
-            if nsub % 4 >= 1:
-                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
-            if nsub % 4 >= 2:
-                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
-            if nsub % 4 == 3:
-                acc = _pf_step(acc, zero, wc, zc, sc, xc, DT, BLOCK_N, BLOCK_M, CH)
+                st = a
+                a = _loads(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT)
+                acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH)
         else:
-            wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                    gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
-            for i in range(0, nsub - 2, 3):
+            b = _loads(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
+            if PF == 3:
+                c = _loads(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT)
+            for i in range(0, nsub - PF, PF + 1):
                 k = k_lo + i * SUBK
-                wc, zc, sc, xc = _loads(w_base, z_base, s_base, xw_base, xw_mask, k + 2 * SUBK, GROUP, EVICT)
-                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
-                wa, za, sa, xa = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                        gl.minimum(k + 3 * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
-                wb, zb, sb, xb = _loads(w_base, z_base, s_base, xw_base, xw_mask,
-                                        gl.minimum(k + 4 * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, wc, zc, sc, xc, DT, BLOCK_N, BLOCK_M, CH)
-            if nsub % 3 >= 1:
-                acc = _pf_step(acc, zero, wa, za, sa, xa, DT, BLOCK_N, BLOCK_M, CH)
-            if nsub % 3 == 2:
-                acc = _pf_step(acc, zero, wb, zb, sb, xb, DT, BLOCK_N, BLOCK_M, CH)
+                d = _loads(src, k + PF * SUBK, GROUP, EVICT)          # the set used last
+                acc, a = _pf_turn(acc, zero, a, src, gl.minimum(k + (PF + 1) * SUBK, last), DT,
+                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT)
+                acc, b = _pf_turn(acc, zero, b, src, gl.minimum(k + (PF + 2) * SUBK, last), DT,
+                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT)
+                if PF == 3:
+                    acc, c = _pf_turn(acc, zero, c, src, gl.minimum(k + 6 * SUBK, last), DT,
+                                      GROUP, BLOCK_N, BLOCK_M, CH, EVICT)
+                acc = _pf_step(acc, zero, d, DT, BLOCK_N, BLOCK_M, CH)
+            r = nsub % (PF + 1)          # the remainder: in a, b (, c) already
+            if r >= 1:
+                acc = _pf_step(acc, zero, a, DT, BLOCK_N, BLOCK_M, CH)
+            if r >= 2:
+                acc = _pf_step(acc, zero, b, DT, BLOCK_N, BLOCK_M, CH)
+            if PF == 3:
+                if r == 3:
+                    acc = _pf_step(acc, zero, c, DT, BLOCK_N, BLOCK_M, CH)
         return acc
 
     @gluon.jit
@@ -270,8 +261,8 @@ if HAVE_GLUON:
         else:                            # one sub-tile a step, PF sub-tiles' loads in flight
             nsub = K // (SUBK * SPLIT_K)
             xw_base, xw_mask = _xw_ptrs(x_ptr, stride_xm, M, BLOCK_M)
-            acc = _pf_acc(acc, zero, w_base, z_base, s_base, xw_base, xw_mask, pid_k * nsub * SUBK,
-                          nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT)
+            acc = _pf_acc(acc, zero, (w_base, z_base, s_base, xw_base, xw_mask),
+                          pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         if FIXUP:                        # split K: the tile's last program adds the partials
             finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m,
