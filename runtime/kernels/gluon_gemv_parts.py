@@ -14,7 +14,7 @@ except Exception:                                      # pragma: no cover - depe
     gluon = gl = mma_v2 = None
     HAVE_GLUON = False
 
-from runtime.kernels.gluon_layouts import (SUBK, _cfn, word_layout_bases,  # noqa: E402
+from runtime.kernels.gluon_layouts import (SUBK, _asm, _cfn, word_layout_bases,  # noqa: E402
                                            x_layout_bases, x_word_layout_bases)
 
 
@@ -93,14 +93,20 @@ if HAVE_GLUON:
                                  _x_layout(BLOCK_M, gl.num_warps()))
 
     @gluon.jit
-    def _sub_dot(w, z, xv, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
-                 ONE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 LA: gl.constexpr, LB: gl.constexpr, zero,
+    def _sub_dot(w, z, xv, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, zero,
                  CH: gl.constexpr = 1):
         """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
-        operand, permute x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with
-        CH = 2 two independent mmas over the K halves, added (accumulator chains half as long)."""
-        Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)                 # ONE + z, twice
+        operand (``q - z``: codes at bit 0 under the exponent of 128 / 1024, ``_asm``), permute
+        x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with CH = 2 two
+        independent mmas over the K halves, added (accumulator chains half as long)."""
+        DT: gl.constexpr = xv.dtype
+        BF16: gl.constexpr = DT == gl.bfloat16
+        P: gl.constexpr = 0
+        ASM: gl.constexpr = _asm(BF16, False, True)
+        MMA: gl.constexpr = _mma_layout(gl.num_warps(), BLOCK_M)
+        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
+        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        Z2 = gl.expand_dims(((0x4300 if BF16 else 0x6400) + z) * 0x10001, 1)   # 128 + z, twice
         l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
         l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
         l2, h2 = _pair(w, 8, Z2, P, DT, ASM)

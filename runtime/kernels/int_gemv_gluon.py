@@ -91,16 +91,8 @@ if HAVE_GLUON:
         with XS, x) through the ST-slot cp.async ring, D = ST - NSUB sub-tiles ahead; the ring
         is drained on return."""
         NW: gl.constexpr = gl.num_warps()
-        DT: gl.constexpr = x_base.dtype.element_ty
-        BF16: gl.constexpr = DT == gl.bfloat16
-        P: gl.constexpr = 0
-        ONE: gl.constexpr = 0x4300 if BF16 else 0x6400
-        ASM: gl.constexpr = _asm(BF16, False, True)
         LW: gl.constexpr = _word_layout(BLOCK_N, NW)
         LX: gl.constexpr = _x_layout(BLOCK_M, NW)
-        MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
-        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
-        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
         D: gl.constexpr = ST - NSUB
         for j in gl.static_range(D):
             kj = k_lo + (j % nsub) * SUBK
@@ -134,9 +126,7 @@ if HAVE_GLUON:
                 else:
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
                 w = ring.index((i0 + u) % ST).load(LW)
-                part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
-                                LA, LB, zero, CH)
-                acc = acc + part * gl.expand_dims(s, 1)
+                acc = acc + _sub_dot(w, z, xv, BLOCK_N, BLOCK_M, zero, CH) * gl.expand_dims(s, 1)
         cp.wait_group(0)
         return acc
 
@@ -144,14 +134,8 @@ if HAVE_GLUON:
     def _pf_step(acc, zero, st, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                  CH: gl.constexpr):
         """``acc`` plus one sub-tile held in registers: ``st`` from ``_loads`` (x as words)."""
-        NW: gl.constexpr = gl.num_warps()
-        BF16: gl.constexpr = DT == gl.bfloat16
-        MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
-        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
-        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
         w, z, s, xw = st
-        part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), 0, DT, _asm(BF16, False, True),
-                        0x4300 if BF16 else 0x6400, BLOCK_N, BLOCK_M, LA, LB, zero, CH)
+        part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), BLOCK_N, BLOCK_M, zero, CH)
         return acc + part * gl.expand_dims(s.to(gl.float32), 1)
 
     @gluon.jit
@@ -213,15 +197,9 @@ if HAVE_GLUON:
                          EVICT: gl.constexpr = ""):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        BF16: gl.constexpr = DT == gl.bfloat16
-        P: gl.constexpr = 0
-        ONE: gl.constexpr = 0x4300 if BF16 else 0x6400
-        ASM: gl.constexpr = _asm(BF16, False, True)
         NSUB: gl.constexpr = BLOCK_K // 128
         LW: gl.constexpr = _word_layout(BLOCK_N, NW)
         MMA: gl.constexpr = _mma_layout(NW, BLOCK_M)
-        LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
-        LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
 
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -254,8 +232,7 @@ if HAVE_GLUON:
                     w = gl.load(w_base + ks // 8, eviction_policy=EVICT)      # [BN, 16] int32
                     z = gl.load(z_base + gi).to(gl.int32)
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)          # [16, BM, 8]
-                    part = _sub_dot(w, z, xv, P, DT, ASM, ONE, BLOCK_N, BLOCK_M,
-                                    LA, LB, zero, CH)
+                    part = _sub_dot(w, z, xv, BLOCK_N, BLOCK_M, zero, CH)
                     s = gl.load(s_base + gi).to(gl.float32)
                     acc = acc + part * gl.expand_dims(s, 1)
         else:                            # one sub-tile a step, PF sub-tiles' loads in flight
