@@ -8,9 +8,10 @@ measured against its own baseline in the same run.
         [--m 4,8,16] [--configs 3,5,7] [--out F.json]
 
 ``--configs``: indices into this file's ``CONFIGS + EXTRA``; a config the other file's list
-does not hold at the same index is timed in this version only. GB/s are of the packed weights + scales + zeros (``packed_bytes``) over
-CUDA-graph replays cycling over >= 256 MB of weight copies (``benchmarks/kernels.py``'s
-``bench``), next to the HBM copy bandwidth measured in the same run.
+does not hold at the same index is timed in this version only. GB/s are of the packed
+weights + scales + zeros (``packed_bytes``) over CUDA-graph replays cycling over >= 256 MB of
+weight copies (``benchmarks/kernels.py``'s ``bench``), next to the HBM copy bandwidth
+measured in the same run.
 """
 from __future__ import annotations
 

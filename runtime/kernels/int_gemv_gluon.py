@@ -15,8 +15,8 @@ The dot is invariant under a permutation of K applied to both operands, so the k
 ``p = 4a + b`` of a 128-wide sub-tile is logical word ``w = 4b + a``. The words are loaded as
 ``[BN, 16]`` in layout ``_word_layout`` (reg p1 p2: one 16-byte load per thread and 16 rows),
 unpacked in registers (shift, lop3 with the exponent of 128 / 1024, packed bf16x2/f16x2
-subtract of ``128 + z`` / ``1024 + z``: ``q - z`` exactly) into 8 tensors that ``join`` stacks along new register
-axes, and ``reshape/permute`` turns ``[BN, 4(a), 4(b), 8]`` into ``[BN, 128]`` in logical
+subtract of ``128 + z`` / ``1024 + z``: ``q - z`` exactly) into 8 tensors that ``join``
+stacks along new register axes, and ``reshape/permute`` turns ``[BN, 4(a), 4(b), 8]`` into ``[BN, 128]`` in logical
 order: that linear layout is the A-operand layout, so the final ``convert_layout`` moves no data.
 Inside a word the order is ``i = 4 jh + 2 jl + h`` for code ``j + 4h`` (j = 2 jh + jl): the
 pair (codes j, j + 4) that one lop3 extracts is the low/high half of one mma register.
