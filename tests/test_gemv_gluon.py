@@ -64,7 +64,8 @@ def test_all_configs(c):
 
 @pytest.mark.cuda
 @gpu
-@pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(64, 256)])
+@pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(128, pf=2, xs=True),
+                               G.cfg(64, 256)])
 def test_x_rows_at_odd_offsets(c):
     """x a view whose rows start at odd bf16 offsets (odd row stride, data 2 bytes past a word):
     the PF loops read x as 32-bit words, so ``launch`` gives them an aligned copy."""
@@ -89,6 +90,7 @@ def test_ragged_n_and_strided_out():
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("pf,st,bk,xs", [(1, 0, 128, 0), (2, 0, 128, 0), (3, 0, 128, 0),
+                                         (2, 0, 128, 1), (3, 0, 128, 1),
                                          (0, 4, 128, 0), (0, 8, 128, 0),
                                          (0, 4, 256, 0), (0, 4, 128, 1), (0, 4, 256, 1)])
 @pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (300, 384, 1), (300, 512, 1),
@@ -109,12 +111,16 @@ def test_prefetch_edges(N, K, sk, pf, st, bk, xs):
 def test_ring_needs_two_steps_of_slots():
     """A ring of ST slots read NSUB = BLOCK_K/128 sub-tiles a step must hold 2 NSUB sub-tiles
     (the copies issued in a step may not land in a slot that step still reads); XS goes with
-    a ring and 4 warps."""
+    a ring (or PF >= 2: one ring slot per register set) and 4 warps."""
     ok = lambda c: G.valid(c, 8, 4096, 4096, SPEC)   # noqa: E731
     assert ok(G.cfg(64, 256, st=4)) and not ok(G.cfg(64, 256, st=3))
     assert ok(G.cfg(64, 128, st=2)) and ok(G.cfg(64, 128, st=4, xs=True))
     assert not ok(G.cfg(128, 128, st=4, xs=True, nw=8))
     assert not G.cfg(64, 128, xs=True)["XS"]                  # no ring: no XS
+    assert ok(G.cfg(128, pf=2, xs=True)) and G.cfg(128, pf=3, xs=True)["XS"]
+    assert not G.cfg(128, pf=1, xs=True)["XS"]                # PF 1 rotates its set: no slot
+    assert not ok(G.cfg(128, pf=2, xs=True, nw=8))
+    assert not ok({**G.cfg(128, pf=1), "XS": True})
 
 
 @pytest.mark.cuda

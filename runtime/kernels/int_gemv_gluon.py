@@ -53,28 +53,36 @@ if HAVE_GLUON:
                                                   _xring_read_layout, _xw_ptrs)
 
     @gluon.jit
+    def _xring_alloc(x_ptr, stride_xm, M, DT: gl.constexpr, BLOCK_M: gl.constexpr,
+                     SLOTS: gl.constexpr):
+        """A SLOTS-slot ring for x's sub-tiles in shared memory (``[4 (p%4), BM, 4 (p//4), 8]``
+        a slot, read by ``_xring_read``) and the pointers/mask of its copies (4 warps)."""
+        NW: gl.constexpr = gl.num_warps()
+        LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
+        xring = gl.allocate_shared_memory(DT, [SLOTS, 4, BLOCK_M, 4, 8],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+        cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+        cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+        ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
+        cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
+        cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
+        cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
+        ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
+        cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
+        xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
+        xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
+        return xring, xc_base, xc_mask
+
+    @gluon.jit
     def _ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                     BLOCK_M: gl.constexpr, ST: gl.constexpr, XS: gl.constexpr):
         """The ST-slot ring of weight sub-tiles in shared memory; with XS a ring for x too
-        (``[4 (p%4), BM, 4 (p//4), 8]`` a slot) and the pointers/mask its copies use (without
-        XS: the ring and x's own pointers, unused)."""
-        NW: gl.constexpr = gl.num_warps()
+        (``_xring_alloc``) and the pointers/mask its copies use (without XS: the ring and x's
+        own pointers, unused)."""
         ring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],
                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         if XS:
-            LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
-            xring = gl.allocate_shared_memory(DT, [ST, 4, BLOCK_M, 4, 8],
-                                              gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
-            cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
-            cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
-            ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
-            cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
-            cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
-            cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
-            ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
-            cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
-            xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
-            xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
+            xring, xc_base, xc_mask = _xring_alloc(x_ptr, stride_xm, M, DT, BLOCK_M, ST)
         else:
             xring = ring
             xc_base = x_base
@@ -92,7 +100,6 @@ if HAVE_GLUON:
         is drained on return."""
         NW: gl.constexpr = gl.num_warps()
         LW: gl.constexpr = _word_layout(BLOCK_N, NW)
-        LX: gl.constexpr = _x_layout(BLOCK_M, NW)
         D: gl.constexpr = ST - NSUB
         for j in gl.static_range(D):
             kj = k_lo + (j % nsub) * SUBK
@@ -120,9 +127,7 @@ if HAVE_GLUON:
                 z1 = gl.load(z_base + kn // GROUP).to(gl.int32)
                 s1 = gl.load(s_base + kn // GROUP).to(gl.float32)
                 if XS:
-                    xr = xring.index((i0 + u) % ST).load(_xring_read_layout(BLOCK_M, NW))
-                    xv = gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)),
-                                                      [16, BLOCK_M, 8]), LX)
+                    xv = _xring_read(xring, (i0 + u) % ST, BLOCK_M)
                 else:
                     xv = gl.load(x_base + ks, mask=x_mask, other=0.0)
                 w = ring.index((i0 + u) % ST).load(LW)
@@ -131,61 +136,93 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
+    def _xring_read(xring, slot, BLOCK_M: gl.constexpr):
+        """x's sub-tile in ring slot ``slot`` as ``[16 (p), BM, 8]`` in ``_x_layout``."""
+        NW: gl.constexpr = gl.num_warps()
+        xr = xring.index(slot).load(_xring_read_layout(BLOCK_M, NW))
+        return gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)), [16, BLOCK_M, 8]),
+                                 _x_layout(BLOCK_M, NW))
+
+    @gluon.jit
+    def _pf_load(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr, xring, SLOT: gl.constexpr):
+        """A register set: sub-tile k's ``_loads``; with an x ring (``xring`` not None) the
+        words, zeros and scales only, x copied into ring slot SLOT (one cp.async group)."""
+        if xring is None:
+            return _loads(src, k, GROUP, EVICT)
+        else:
+            w_base, z_base, s_base, xc_base, xc_mask = src
+            cp.async_copy_global_to_shared(xring.index(SLOT), xc_base + k, mask=xc_mask)
+            cp.commit_group()
+            return (gl.load(w_base + k // 8, eviction_policy=EVICT),
+                    gl.load(z_base + k // GROUP).to(gl.int32), gl.load(s_base + k // GROUP))
+
+    @gluon.jit
     def _pf_step(acc, zero, st, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 CH: gl.constexpr):
-        """``acc`` plus one sub-tile held in registers: ``st`` from ``_loads`` (x as words)."""
-        w, z, s, xw = st
-        part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), BLOCK_N, BLOCK_M, zero, CH)
+                 CH: gl.constexpr, xring=None, SLOT: gl.constexpr = 0, WAIT: gl.constexpr = 0):
+        """``acc`` plus one sub-tile held in registers: ``st`` from ``_pf_load`` (x as words,
+        or with an x ring in slot SLOT, read once at most WAIT later copies are pending)."""
+        if xring is None:
+            w, z, s, xw = st
+            xv = _x_unpack(xw, DT, BLOCK_M)
+        else:
+            w, z, s = st
+            cp.wait_group(WAIT)
+            xv = _xring_read(xring, SLOT, BLOCK_M)
+        part = _sub_dot(w, z, xv, BLOCK_N, BLOCK_M, zero, CH)
         return acc + part * gl.expand_dims(s.to(gl.float32), 1)
 
     @gluon.jit
     def _pf_turn(acc, zero, st, src, k, DT: gl.constexpr, GROUP: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, CH: gl.constexpr,
-                 EVICT: gl.constexpr):
-        """``acc`` plus the sub-tile in register set ``st``, and the set reloaded with
-        sub-tile ``k``."""
-        acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH)
-        return acc, _loads(src, k, GROUP, EVICT)
+                 EVICT: gl.constexpr, xring, SLOT: gl.constexpr, WAIT: gl.constexpr):
+        """``acc`` plus the sub-tile in register set ``st`` (x ring slot SLOT), and the set
+        reloaded with sub-tile ``k``."""
+        acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH, xring, SLOT, WAIT)
+        return acc, _pf_load(src, k, GROUP, EVICT, xring, SLOT)
 
     @gluon.jit
     def _pf_acc(acc, zero, src, k_lo, nsub, DT: gl.constexpr, GROUP: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, PF: gl.constexpr, CH: gl.constexpr,
-                EVICT: gl.constexpr):
+                EVICT: gl.constexpr, xring=None):
         """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of ``src`` (``_loads``), one a
         step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
         clamped to the last sub-tile: valid, unused). PF 2 / 3: three / four register sets used
         in turn, the loop unrolled 3 / 4 times so that no set is copied into another (as a
-        rotation, the copies cost 50-70 moves a step)."""
+        rotation, the copies cost 50-70 moves a step). With ``xring`` (PF 2 / 3 only): x is
+        copied once per program into ring slot 0, 1 (, 2) / PF of sets a, b (, c) / d instead
+        of being loaded by every warp (``src`` then holds the copy's pointers)."""
         last = k_lo + (nsub - 1) * SUBK
-        a = _loads(src, k_lo, GROUP, EVICT)
+        a = _pf_load(src, k_lo, GROUP, EVICT, xring, 0)
         if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
             for i in range(nsub):
                 st = a
                 a = _loads(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT)
                 acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH)
         else:
-            b = _loads(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT)
+            b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, xring, 1)
             if PF == 3:
-                c = _loads(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT)
+                c = _pf_load(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT, xring, 2)
             for i in range(0, nsub - PF, PF + 1):
                 k = k_lo + i * SUBK
-                d = _loads(src, k + PF * SUBK, GROUP, EVICT)          # the set used last
+                d = _pf_load(src, k + PF * SUBK, GROUP, EVICT, xring, PF)   # the set used last
                 acc, a = _pf_turn(acc, zero, a, src, gl.minimum(k + (PF + 1) * SUBK, last), DT,
-                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT)
+                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT, xring, 0, PF)
                 acc, b = _pf_turn(acc, zero, b, src, gl.minimum(k + (PF + 2) * SUBK, last), DT,
-                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT)
+                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT, xring, 1, PF)
                 if PF == 3:
                     acc, c = _pf_turn(acc, zero, c, src, gl.minimum(k + 6 * SUBK, last), DT,
-                                      GROUP, BLOCK_N, BLOCK_M, CH, EVICT)
-                acc = _pf_step(acc, zero, d, DT, BLOCK_N, BLOCK_M, CH)
+                                      GROUP, BLOCK_N, BLOCK_M, CH, EVICT, xring, 2, PF)
+                acc = _pf_step(acc, zero, d, DT, BLOCK_N, BLOCK_M, CH, xring, PF, PF)
             r = nsub % (PF + 1)          # the remainder: in a, b (, c) already
             if r >= 1:
-                acc = _pf_step(acc, zero, a, DT, BLOCK_N, BLOCK_M, CH)
+                acc = _pf_step(acc, zero, a, DT, BLOCK_N, BLOCK_M, CH, xring, 0, 0)
             if r >= 2:
-                acc = _pf_step(acc, zero, b, DT, BLOCK_N, BLOCK_M, CH)
+                acc = _pf_step(acc, zero, b, DT, BLOCK_N, BLOCK_M, CH, xring, 1, 0)
             if PF == 3:
                 if r == 3:
-                    acc = _pf_step(acc, zero, c, DT, BLOCK_N, BLOCK_M, CH)
+                    acc = _pf_step(acc, zero, c, DT, BLOCK_N, BLOCK_M, CH, xring, 2, 0)
+        if xring is not None:
+            cp.wait_group(0)             # the clamped copies past the end
         return acc
 
     @gluon.jit
@@ -235,6 +272,12 @@ if HAVE_GLUON:
                     part = _sub_dot(w, z, xv, BLOCK_N, BLOCK_M, zero, CH)
                     s = gl.load(s_base + gi).to(gl.float32)
                     acc = acc + part * gl.expand_dims(s, 1)
+        elif XS:                         # PF, x through a ring (one slot per register set)
+            nsub = K // (SUBK * SPLIT_K)
+            xring, xc_base, xc_mask = _xring_alloc(x_ptr, stride_xm, M, DT, BLOCK_M, PF + 1)
+            acc = _pf_acc(acc, zero, (w_base, z_base, s_base, xc_base, xc_mask),
+                          pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT,
+                          xring)
         else:                            # one sub-tile a step, PF sub-tiles' loads in flight
             nsub = K // (SUBK * SPLIT_K)
             xw_base, xw_mask = _xw_ptrs(x_ptr, stride_xm, M, BLOCK_M)
@@ -253,13 +296,14 @@ if HAVE_GLUON:
 def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0):
     """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2/3 = one sub-tile a step, that many
     sub-tiles' loads ahead in registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the
-    weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through the
-    ring too, not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
+    weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st, or pf >= 2): x
+    through a ring (one slot per register set with pf), not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
     halves. sk > 1: the K slices' partials are added by the tile's last program (splitk_gluon).
     ev: the weights are loaded with the L2 evict-first policy (they are read once). ctas (with
     st): stream-K, that many programs per SM sharing the K steps evenly (int_gemv_streamk.py)."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
-            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch,
+            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool((st or pf >= 2) and xs),
+            "CH": ch,
             **({"EVICT": True} if ev else {}), **({"CTAS": ctas} if ctas else {})}
 
 
@@ -286,7 +330,10 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
     cfg(128, pf=2, bm=8), cfg(128, sk=2, pf=2), cfg(128, pf=2, nw=8, bm=8),             # PF probes
     cfg(64, sk=4, pf=2), cfg(64, sk=2, pf=2, bm=8)] + [
     cfg(64, pf=3, bm=8, ev=True), cfg(64, sk=4, pf=3, bm=8), cfg(64, sk=2, pf=3, bm=8),  # PF 3 probes
-    cfg(128, pf=3), cfg(128, sk=4, pf=3)]
+    cfg(128, pf=3), cfg(128, sk=4, pf=3)] + [
+    # PF with x through a ring (written 2026-11-27, compiled offline; not yet run on a GPU)
+    cfg(128, pf=2, xs=True), cfg(128, sk=4, pf=2, xs=True), cfg(64, pf=2, bm=8, xs=True),
+    cfg(128, sk=4, pf=3, bm=8, xs=True), cfg(128, pf=3, xs=True)]
 
 
 def format_fits(spec, K: int) -> bool:
@@ -305,7 +352,7 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
             and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
-            and not (c.get("XS") and (nw != 4 or not c.get("ST")))
+            and not (c.get("XS") and (nw != 4 or not (c.get("ST") or c.get("PF", 0) >= 2)))
             and not (c.get("CTAS") and (sk != 1 or not c.get("ST") or c.get("CH", 1) != 1)))
 
 
