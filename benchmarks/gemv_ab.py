@@ -64,7 +64,7 @@ def main(args) -> int:
                 if not NEW.valid(c, M, N, K, SPEC):
                     continue
                 both = i < len(old_cfgs) and old_cfgs[i] == c      # else: a config new here
-                r = dict(N=N, K=K, M=M, i=i, config=c)
+                r = dict(N=N, K=K, M=M, i=i, config=c, bytes=nbytes)
                 for name, mod in (("old", old), ("new", NEW)) if both else (("new", NEW),):
                     y = mod.launch(x, ts[0], SPEC, N, K, c).float()
                     r[f"{name}_rel"] = float((y - ref).norm() / ref.norm())
@@ -88,16 +88,11 @@ def main(args) -> int:
                 bn = min(rs, key=lambda r: r["new_us"])
                 print(f"best {N}x{K} M{M}: old #{bo['i']} {bo['old_us']:.1f} us, "
                       f"new #{bn['i']} {bn['new_us']:.1f} us "
-                      f"({nbytes_of(N, K) / bn['new_us'] / 1e3 / hbm:.0%} of HBM)")
+                      f"({bn['bytes'] / bn['new_us'] / 1e3 / hbm:.0%} of HBM)")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(),
                                               "hbm_copy_GBps": hbm, "rows": rows}, indent=1))
     return 0
-
-
-def nbytes_of(N: int, K: int) -> int:
-    """packed_bytes of an int4 g128 [N, K] matrix (words, fp16 scales, uint8 zeros)."""
-    return N * K // 2 + N * (K // 128) * 3
 
 
 if __name__ == "__main__":

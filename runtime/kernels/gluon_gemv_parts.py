@@ -1,7 +1,7 @@
 """The building blocks of the Gluon int4 GEMV (int_gemv_gluon.py, whose docstring explains the
 layouts and the K order): the linear layouts of the packed words, x and the mma, the unpacking of
 a word pair into the A operand (``_pair``), one 128-wide sub-tile's mma (``_sub_dot``), and x's
-pointers, as bf16/fp16 values or (``_xw_ptrs`` / ``_x_unpack``) as 32-bit words.
+pointers, as bf16/fp16 values or (``_x_ptrs(.., WORDS=True)`` / ``_x_unpack``) as 32-bit words.
 """
 from __future__ import annotations
 
@@ -72,13 +72,19 @@ if HAVE_GLUON:
                                              dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
 
     @gluon.jit
-    def _loads(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
-        """Sub-tile k's words, zeros (int32), scales (as stored) and x as 32-bit words (code
-        pairs: values carried from one step to the next stay whole registers), from global
-        memory; ``src``: (words, zeros, scales, x words) pointers and x's mask."""
-        w_base, z_base, s_base, xw_base, x_mask = src
+    def _wzs_loads(w_base, z_base, s_base, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
+        """Sub-tile k's words, zeros (int32) and scales (as stored), from global memory."""
         return (gl.load(w_base + k // 8, eviction_policy=EVICT), gl.load(z_base + k // GROUP).to(gl.int32),
-                gl.load(s_base + k // GROUP), gl.load(xw_base + k // 2, mask=x_mask, other=0))
+                gl.load(s_base + k // GROUP))
+
+    @gluon.jit
+    def _loads(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
+        """``_wzs_loads`` and x as 32-bit words (code pairs: values carried from one step to the
+        next stay whole registers); ``src``: (words, zeros, scales, x words) pointers and x's
+        mask."""
+        w_base, z_base, s_base, xw_base, x_mask = src
+        w, z, s = _wzs_loads(w_base, z_base, s_base, k, GROUP, EVICT)
+        return w, z, s, gl.load(xw_base + k // 2, mask=x_mask, other=0)
 
     @gluon.jit
     def _x_unpack(xw, DT: gl.constexpr, BLOCK_M: gl.constexpr):
@@ -126,21 +132,21 @@ if HAVE_GLUON:
         return mma_v2(a, b, zero)
 
     @gluon.jit
-    def _x_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr):
-        """Pointers and mask of x's ``[16 (p), BM, 8 (code)]`` tile at K = 0, in ``_x_layout``."""
-        LX: gl.constexpr = _x_layout(BLOCK_M, gl.num_warps())
+    def _x_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr, WORDS: gl.constexpr = False):
+        """Pointers and mask of x's ``[16 (p), BM, 8 (code)]`` tile at K = 0, in ``_x_layout``;
+        ``WORDS``: of x as 32-bit words ``[16 (p), BM, 4 (code pair)]`` in ``_xw_layout`` (x's
+        rows are a whole number of words apart: K and the row stride are even)."""
+        C: gl.constexpr = 4 if WORDS else 8
+        if WORDS:
+            LX: gl.constexpr = _xw_layout(BLOCK_M, gl.num_warps())
+        else:
+            LX: gl.constexpr = _x_layout(BLOCK_M, gl.num_warps())
         xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
         xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
-        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
-        return x_ptr + xm * stride_xm + xp * 8 + xc, (xm < M) & (xp >= 0) & (xc >= 0)
-
-    @gluon.jit
-    def _xw_ptrs(x_ptr, stride_xm, M, BLOCK_M: gl.constexpr):
-        """``_x_ptrs`` for x as 32-bit words ``[16 (p), BM, 4 (code pair)]`` (``_xw_layout``;
-        x's rows are a whole number of words apart: K and the row stride are even)."""
-        LX: gl.constexpr = _xw_layout(BLOCK_M, gl.num_warps())
-        xp = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
-        xm = gl.expand_dims(gl.expand_dims(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
-        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
-        xw = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-        return xw + xm * (stride_xm // 2) + xp * 4 + xc, (xm < M) & (xp >= 0) & (xc >= 0)
+        xc = gl.expand_dims(gl.expand_dims(gl.arange(0, C, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        mask = (xm < M) & (xp >= 0) & (xc >= 0)
+        if WORDS:
+            xw = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+            return xw + xm * (stride_xm // 2) + xp * 4 + xc, mask
+        else:
+            return x_ptr + xm * stride_xm + xp * 8 + xc, mask

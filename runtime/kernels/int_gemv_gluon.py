@@ -16,8 +16,8 @@ The dot is invariant under a permutation of K applied to both operands, so the k
 ``[BN, 16]`` in layout ``_word_layout`` (reg p1 p2: one 16-byte load per thread and 16 rows),
 unpacked in registers (shift, lop3 with the exponent of 128 / 1024, packed bf16x2/f16x2
 subtract of ``128 + z`` / ``1024 + z``: ``q - z`` exactly) into 8 tensors that ``join``
-stacks along new register axes, and ``reshape/permute`` turns ``[BN, 4(a), 4(b), 8]`` into ``[BN, 128]`` in logical
-order: that linear layout is the A-operand layout, so the final ``convert_layout`` moves no data.
+stacks along new register axes, and ``reshape/permute`` turns ``[BN, 4(a), 4(b), 8]`` into
+``[BN, 128]`` in logical order: that linear layout is the A-operand layout, so the final ``convert_layout`` moves no data.
 Inside a word the order is ``i = 4 jh + 2 jl + h`` for code ``j + 4h`` (j = 2 jh + jl): the
 pair (codes j, j + 4) that one lop3 extracts is the low/high half of one mma register.
 
@@ -49,8 +49,8 @@ from runtime.kernels.gluon_layouts import SUBK, SUBK_K, _asm  # noqa: E402,F401 
 
 if HAVE_GLUON:
     from runtime.kernels.gluon_gemv_parts import (_align, _loads, _mma_layout, _sub_dot,  # noqa: F401
-                                                  _word_layout, _x_layout, _x_ptrs, _x_unpack,
-                                                  _xring_read_layout, _xw_ptrs)
+                                                  _word_layout, _wzs_loads, _x_layout, _x_ptrs,
+                                                  _x_unpack, _xring_read_layout)
 
     @gluon.jit
     def _xring_alloc(x_ptr, stride_xm, M, DT: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -153,8 +153,7 @@ if HAVE_GLUON:
             w_base, z_base, s_base, xc_base, xc_mask = src
             cp.async_copy_global_to_shared(xring.index(SLOT), xc_base + k, mask=xc_mask)
             cp.commit_group()
-            return (gl.load(w_base + k // 8, eviction_policy=EVICT),
-                    gl.load(z_base + k // GROUP).to(gl.int32), gl.load(s_base + k // GROUP))
+            return _wzs_loads(w_base, z_base, s_base, k, GROUP, EVICT)
 
     @gluon.jit
     def _pf_step(acc, zero, st, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
@@ -280,7 +279,7 @@ if HAVE_GLUON:
                           xring)
         else:                            # one sub-tile a step, PF sub-tiles' loads in flight
             nsub = K // (SUBK * SPLIT_K)
-            xw_base, xw_mask = _xw_ptrs(x_ptr, stride_xm, M, BLOCK_M)
+            xw_base, xw_mask = _x_ptrs(x_ptr, stride_xm, M, BLOCK_M, True)
             acc = _pf_acc(acc, zero, (w_base, z_base, s_base, xw_base, xw_mask),
                           pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
