@@ -6,9 +6,12 @@ measured against its own baseline in the same run.
     git show HEAD:runtime/kernels/int_gemv_gluon.py > /tmp/old_gemv_gluon.py
     python3 benchmarks/gemv_ab.py --old /tmp/old_gemv_gluon.py [--shapes 28672x8192,8192x28672]
         [--m 4,8,16] [--configs 3,5,7] [--out F.json]
+    python3 benchmarks/gemv_ab.py --vary XS=False --configs 49,50     # one flag, same file
 
 ``--configs``: indices into this file's ``CONFIGS + EXTRA``; a config the other file's list
-does not hold at the same index is timed in this version only. GB/s are of the packed
+does not hold at the same index is timed in this version only. ``--vary KEY=VALUE,...``: the
+"old" side runs each config with those keys changed (``--old`` defaults to this file), so
+one config flag is measured against its own baseline. GB/s are of the packed
 weights + scales + zeros (``packed_bytes``) over CUDA-graph replays cycling over >= 256 MB of
 weight copies (``benchmarks/kernels.py``'s ``bench``), next to the HBM copy bandwidth
 measured in the same run.
@@ -16,6 +19,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import sys
@@ -43,7 +47,9 @@ def load_old(path: str):
 
 
 def main(args) -> int:
-    old = load_old(args.old)
+    old = load_old(args.old) if args.old else NEW
+    vary = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.vary.split(","))} \
+        if args.vary else {}
     hbm = hbm_bandwidth()
     print(f"{torch.cuda.get_device_name()}: HBM copy {hbm:.0f} GB/s", flush=True)
     new_cfgs, old_cfgs = NEW.CONFIGS + NEW.EXTRA, old.CONFIGS + old.EXTRA
@@ -63,12 +69,16 @@ def main(args) -> int:
                 c = new_cfgs[i]
                 if not NEW.valid(c, M, N, K, SPEC):
                     continue
-                both = i < len(old_cfgs) and old_cfgs[i] == c      # else: a config new here
-                r = dict(N=N, K=K, M=M, i=i, config=c, bytes=nbytes)
-                for name, mod in (("old", old), ("new", NEW)) if both else (("new", NEW),):
-                    y = mod.launch(x, ts[0], SPEC, N, K, c).float()
+                oc = {**c, **vary}
+                both = (old.valid(oc, M, N, K, SPEC) if vary else
+                        i < len(old_cfgs) and old_cfgs[i] == c)   # else: a config new here
+                r = dict(N=N, K=K, M=M, i=i, config=c, bytes=nbytes, old_config=oc)
+                sides = (("old", old, oc), ("new", NEW, c)) if both else (("new", NEW, c),)
+                for name, mod, cc in sides:
+                    y = mod.launch(x, ts[0], SPEC, N, K, cc).float()
                     r[f"{name}_rel"] = float((y - ref).norm() / ref.norm())
-                    ms = bench(lambda: [mod.launch(x, t, SPEC, N, K, c, out) for t in ts]) / len(ts)
+                    ms = bench(lambda: [mod.launch(x, t, SPEC, N, K, cc, out)
+                                        for t in ts]) / len(ts)
                     r[f"{name}_us"] = ms * 1e3
                 rows.append(r)
                 was = (f"old {r['old_us']:.1f} us ({nbytes / r['old_us'] / 1e3 / hbm:.0%}) "
@@ -84,10 +94,12 @@ def main(args) -> int:
         for M in (int(m) for m in args.m.split(",")):
             rs = [r for r in rows if (r["N"], r["K"], r["M"]) == (N, K, M)]
             if rs:
-                bo = min((r for r in rs if "old_us" in r), key=lambda r: r["old_us"])
+                bo = min((r for r in rs if "old_us" in r), key=lambda r: r["old_us"],
+                         default=None)
                 bn = min(rs, key=lambda r: r["new_us"])
-                print(f"best {N}x{K} M{M}: old #{bo['i']} {bo['old_us']:.1f} us, "
-                      f"new #{bn['i']} {bn['new_us']:.1f} us "
+                print(f"best {N}x{K} M{M}: "
+                      + (f"old #{bo['i']} {bo['old_us']:.1f} us, " if bo else "")
+                      + f"new #{bn['i']} {bn['new_us']:.1f} us "
                       f"({bn['bytes'] / bn['new_us'] / 1e3 / hbm:.0%} of HBM)")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(),
@@ -97,7 +109,8 @@ def main(args) -> int:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--old", required=True, help="path of the other int_gemv_gluon.py")
+    ap.add_argument("--old", help="path of the other int_gemv_gluon.py (default: this one)")
+    ap.add_argument("--vary", help="KEY=VALUE,...: the old side's change to each config")
     ap.add_argument("--shapes", default="28672x8192,8192x28672")
     ap.add_argument("--m", default="4,8,16")
     ap.add_argument("--configs", help="comma-separated indices into CONFIGS + EXTRA (default: all)")

@@ -155,11 +155,14 @@ def streamk_report(dump) -> bool:
     from runtime.kernels import int_gemv_gluon as G
     from runtime.kernels import int_gemv_streamk as SK
     ok = True
-    for c in [c for c in G.EXTRA if c.get("CTAS") == 2]:     # (CTAS: host side only)
+    for c in [c for c in G.CONFIGS + G.EXTRA if c.get("CTAS") in (2, 4)]:   # (CTAS: host side)
         for dt in ("bf16", "fp16"):
-            name = f"streamk_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_{dt}"
+            name = (f"streamk_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_pf{c['PF']}"
+                    + ("_xl" if c.get("XL") else "") + f"_{dt}")
             consts = {"GROUP": 128, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
-                      "BLOCK_M": c["BLOCK_M"], "ST": c["ST"], "XS": c["XS"], "EVICT": ""}
+                      "BLOCK_M": c["BLOCK_M"], "ST": c["ST"], "XS": c["XS"],
+                      "EVICT": "evict_first" if c.get("EVICT") else "", "PF": c["PF"],
+                      "XL": bool(c.get("XL"))}
             types = {"x_ptr": "*" + dt, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
                      "ws_ptr": "*fp32", "out_ptr": "*" + dt, "cnt_ptr": "*i32"}
             sig = {a: types.get(a, "i32") for a in SK_ARGS}
@@ -216,11 +219,14 @@ def main() -> int:
              for bn, bm in ((64, 16), (128, 16), (128, 8))]
     cfgs += [(c, "bf16") for c in G.CONFIGS if c["SPLIT_K"] > 1]        # with the fused fixup
     cfgs += [(G.cfg(128, 256, st=4, bm=8, xs=True, ev=True), "bf16"), (G.cfg(128, pf=2, ev=True), "bf16")]
+    cfgs += [(c, "bf16") for c in G.CONFIGS + G.EXTRA if c.get("XL")]
+    cfgs += [(G.cfg(64, pf=3, xl=True), "fp16")]
     for c, dt in cfgs:
         pf, st = c["PF"], c["ST"]
         name = (f"gluon_bn{c['BLOCK_N']}_bk{c['BLOCK_K']}_w{c['num_warps']}_{dt}_bm{c['BLOCK_M']}"
                 + (f"_pf{pf}" if pf else "") + (f"_st{st}" if st else "") + ("_xs" if c["XS"] else "")
-                + (f"_sk{c['SPLIT_K']}" if c["SPLIT_K"] > 1 else "") + ("_ev" if c.get("EVICT") else ""))
+                + (f"_sk{c['SPLIT_K']}" if c["SPLIT_K"] > 1 else "") + ("_ev" if c.get("EVICT") else "")
+                + ("_xl" if c.get("XL") else "") + ("_ch2" if c["CH"] == 2 else ""))
         try:
             row = report(name, compile_gluon(G._int4_gemv_gluon, c, dt), args.dump)
         except Exception as e:                       # report and go on

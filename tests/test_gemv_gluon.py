@@ -64,7 +64,7 @@ def test_all_configs(c):
 
 @pytest.mark.cuda
 @gpu
-@pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(128, pf=2, xs=True),
+@pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(128, pf=2, xl=True),
                                G.cfg(64, 256)])
 def test_x_rows_at_odd_offsets(c):
     """x a view whose rows start at odd bf16 offsets (odd row stride, data 2 bytes past a word):
@@ -89,17 +89,18 @@ def test_ragged_n_and_strided_out():
 
 @pytest.mark.cuda
 @gpu
-@pytest.mark.parametrize("pf,st,bk,xs", [(1, 0, 128, 0), (2, 0, 128, 0), (3, 0, 128, 0),
-                                         (2, 0, 128, 1), (3, 0, 128, 1),
+@pytest.mark.parametrize("pf,st,bk,xo", [(1, 0, 128, 0), (2, 0, 128, 0), (3, 0, 128, 0),
+                                         (1, 0, 128, 1), (2, 0, 128, 1), (3, 0, 128, 1),
                                          (0, 4, 128, 0), (0, 8, 128, 0),
                                          (0, 4, 256, 0), (0, 4, 128, 1), (0, 4, 256, 1)])
 @pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (300, 384, 1), (300, 512, 1),
                                     (300, 640, 1), (4096, 1024, 4), (256, 8192, 2)])
-def test_prefetch_edges(N, K, sk, pf, st, bk, xs):
-    """PF loops and the cp.async ring (x in it too with XS): fewer sub-tiles per split than the
-    prefetch distance or ring slots (the prefetch wraps), 1-5 sub-tiles (every remainder of
-    the PF loops' unrolling by PF + 1), ragged N, bf16 and fp16."""
-    c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xs))
+def test_prefetch_edges(N, K, sk, pf, st, bk, xo):
+    """PF loops (xo: XL, x loaded at use) and the cp.async ring (xo: XS, x in it too): fewer
+    sub-tiles per split than the prefetch distance or ring slots (the prefetch wraps), 1-5
+    sub-tiles (every remainder of the PF loops' unrolling by PF + 1), ragged N, bf16, fp16."""
+    c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xo), xl=bool(xo))
+    assert bool(xo) == bool(c.get("XS") or c.get("XL"))
     if not G.valid(c, 7, N, K, SPEC):
         assert K % (bk * sk)                     # K not a whole number of steps
         return
@@ -111,16 +112,17 @@ def test_prefetch_edges(N, K, sk, pf, st, bk, xs):
 def test_ring_needs_two_steps_of_slots():
     """A ring of ST slots read NSUB = BLOCK_K/128 sub-tiles a step must hold 2 NSUB sub-tiles
     (the copies issued in a step may not land in a slot that step still reads); XS goes with
-    a ring (or PF >= 2: one ring slot per register set) and 4 warps."""
+    a ring and 4 warps, XL with a PF loop."""
     ok = lambda c: G.valid(c, 8, 4096, 4096, SPEC)   # noqa: E731
     assert ok(G.cfg(64, 256, st=4)) and not ok(G.cfg(64, 256, st=3))
     assert ok(G.cfg(64, 128, st=2)) and ok(G.cfg(64, 128, st=4, xs=True))
     assert not ok(G.cfg(128, 128, st=4, xs=True, nw=8))
     assert not G.cfg(64, 128, xs=True)["XS"]                  # no ring: no XS
-    assert ok(G.cfg(128, pf=2, xs=True)) and G.cfg(128, pf=3, xs=True)["XS"]
-    assert not G.cfg(128, pf=1, xs=True)["XS"]                # PF 1 rotates its set: no slot
-    assert not ok(G.cfg(128, pf=2, xs=True, nw=8))
-    assert not ok({**G.cfg(128, pf=1), "XS": True})
+    assert not G.cfg(128, pf=2, xs=True)["XS"]                # PF: no ring
+    assert not ok({**G.cfg(128, pf=2), "XS": True})
+    assert ok(G.cfg(128, pf=1, xl=True)) and G.cfg(128, pf=3, xl=True)["XL"]
+    assert "XL" not in G.cfg(64, 256, xl=True) and "XL" not in G.cfg(64, 128, st=4, xl=True)
+    assert not ok({**G.cfg(64, 256), "XL": True})
 
 
 @pytest.mark.cuda

@@ -43,10 +43,12 @@ def test_split_tiles_have_one_slot_per_program(T, S, P):
             assert start // S == t and (slot == 0) == (q * U // P >= t * S)
 
 
-def test_stream_configs_need_a_ring_and_no_split():
+def test_stream_configs_need_a_ring_or_pf_and_no_split():
     ok = lambda c: G.valid(c, 8, 4096, 4096, SPEC)   # noqa: E731
     assert ok(G.cfg(128, 256, st=4, bm=8, xs=True, ctas=2))
+    assert ok(G.cfg(128, pf=2, bm=8, ctas=2)) and ok(G.cfg(128, pf=3, xl=True, ctas=2))
     assert not ok(G.cfg(128, 256, sk=2, st=4, bm=8, xs=True, ctas=2))
+    assert not ok(G.cfg(128, sk=2, pf=2, ctas=2))
     assert not ok(G.cfg(128, 256, bm=8, ctas=2))
 
 
@@ -59,12 +61,16 @@ def _inputs(N, K, M, seed):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not G.HAVE_GLUON, reason="triton.experimental.gluon missing")
-@pytest.mark.parametrize("bm,ctas", [(8, 2), (16, 3)])
+@pytest.mark.parametrize("c", [G.cfg(128, 256, st=4, bm=8, xs=True, ctas=2),
+                               G.cfg(128, 256, st=4, bm=16, xs=True, ctas=3),
+                               G.cfg(128, pf=2, ctas=2), G.cfg(128, pf=3, xl=True, ctas=2),
+                               G.cfg(128, pf=3, bm=8, ctas=2),
+                               G.cfg(64, pf=2, bm=8, ctas=3, ev=True)], ids=str)
 @pytest.mark.parametrize("N,K,M", [(300, 1024, 7), (4160, 4096, 5), (40000, 512, 8),
                                    (28672, 8192, 4), (8192, 28672, 16)])
-def test_streamk_matches_reference_and_repeats(N, K, M, bm, ctas):
+def test_streamk_matches_reference_and_repeats(N, K, M, c):
+    """Ring (ST) and PF configs, tiles split over 1-3 programs or not at all."""
     from runtime.kernels.splitk import counters
-    c = G.cfg(128, 256, st=4, bm=bm, xs=True, ctas=ctas)
     if not G.valid(c, M, N, K, SPEC):
         pytest.skip("M above the config's BLOCK_M")
     x, t, ref = _inputs(N, K, M, seed=N + M)
@@ -75,5 +81,5 @@ def test_streamk_matches_reference_and_repeats(N, K, M, bm, ctas):
     assert float((y - ref).abs().max()) <= 4 * (2 ** -7 * float(ref.abs().max()) + 1e-3)
     assert all(torch.equal(ys[0], y2) for y2 in ys[1:])               # fixed-order sums
     assert int(counters(x.device, 1).abs().sum()) == 0                # every counter reset
-    plain = G.launch(x, t, SPEC, N, K, G.cfg(128, 256, st=4, bm=bm, xs=True)).float()
+    plain = G.launch(x, t, SPEC, N, K, {k: v for k, v in c.items() if k != "CTAS"}).float()
     assert float((y - plain).norm() / plain.norm()) < 8e-3

@@ -144,84 +144,82 @@ if HAVE_GLUON:
                                  _x_layout(BLOCK_M, NW))
 
     @gluon.jit
-    def _pf_load(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr, xring, SLOT: gl.constexpr):
-        """A register set: sub-tile k's ``_loads``; with an x ring (``xring`` not None) the
-        words, zeros and scales only, x copied into ring slot SLOT (one cp.async group)."""
-        if xring is None:
-            return _loads(src, k, GROUP, EVICT)
-        else:
-            w_base, z_base, s_base, xc_base, xc_mask = src
-            cp.async_copy_global_to_shared(xring.index(SLOT), xc_base + k, mask=xc_mask)
-            cp.commit_group()
+    def _pf_load(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr, XL: gl.constexpr):
+        """A register set: sub-tile k's ``_loads``; with XL the words, zeros and scales only
+        (x is loaded when the set is used)."""
+        if XL:
+            w_base, z_base, s_base, xw_base, x_mask = src
             return _wzs_loads(w_base, z_base, s_base, k, GROUP, EVICT)
+        else:
+            return _loads(src, k, GROUP, EVICT)
 
     @gluon.jit
-    def _pf_step(acc, zero, st, DT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-                 CH: gl.constexpr, xring=None, SLOT: gl.constexpr = 0, WAIT: gl.constexpr = 0):
-        """``acc`` plus one sub-tile held in registers: ``st`` from ``_pf_load`` (x as words,
-        or with an x ring in slot SLOT, read once at most WAIT later copies are pending)."""
-        if xring is None:
-            w, z, s, xw = st
-            xv = _x_unpack(xw, DT, BLOCK_M)
-        else:
+    def _pf_step(acc, zero, st, src, k, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+                 BLOCK_M: gl.constexpr, CH: gl.constexpr, XL: gl.constexpr):
+        """``acc`` plus one sub-tile (k) held in registers: ``st`` from ``_pf_load``; with XL,
+        x's words for k are loaded here."""
+        if XL:
             w, z, s = st
-            cp.wait_group(WAIT)
-            xv = _xring_read(xring, SLOT, BLOCK_M)
-        part = _sub_dot(w, z, xv, BLOCK_N, BLOCK_M, zero, CH)
+            w_base, z_base, s_base, xw_base, x_mask = src
+            xw = gl.load(xw_base + k // 2, mask=x_mask, other=0)
+        else:
+            w, z, s, xw = st
+        part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), BLOCK_N, BLOCK_M, zero, CH)
         return acc + part * gl.expand_dims(s.to(gl.float32), 1)
 
     @gluon.jit
-    def _pf_turn(acc, zero, st, src, k, DT: gl.constexpr, GROUP: gl.constexpr,
+    def _pf_turn(acc, zero, st, src, k, kn, DT: gl.constexpr, GROUP: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, CH: gl.constexpr,
-                 EVICT: gl.constexpr, xring, SLOT: gl.constexpr, WAIT: gl.constexpr):
-        """``acc`` plus the sub-tile in register set ``st`` (x ring slot SLOT), and the set
-        reloaded with sub-tile ``k``."""
-        acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH, xring, SLOT, WAIT)
-        return acc, _pf_load(src, k, GROUP, EVICT, xring, SLOT)
+                 EVICT: gl.constexpr, XL: gl.constexpr):
+        """``acc`` plus the sub-tile k in register set ``st``, and the set reloaded with
+        sub-tile ``kn``."""
+        acc = _pf_step(acc, zero, st, src, k, DT, BLOCK_N, BLOCK_M, CH, XL)
+        return acc, _pf_load(src, kn, GROUP, EVICT, XL)
 
     @gluon.jit
     def _pf_acc(acc, zero, src, k_lo, nsub, DT: gl.constexpr, GROUP: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, PF: gl.constexpr, CH: gl.constexpr,
-                EVICT: gl.constexpr, xring=None):
+                EVICT: gl.constexpr, XL: gl.constexpr):
         """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of ``src`` (``_loads``), one a
         step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
         clamped to the last sub-tile: valid, unused). PF 2 / 3: three / four register sets used
         in turn, the loop unrolled 3 / 4 times so that no set is copied into another (as a
-        rotation, the copies cost 50-70 moves a step). With ``xring`` (PF 2 / 3 only): x is
-        copied once per program into ring slot 0, 1 (, 2) / PF of sets a, b (, c) / d instead
-        of being loaded by every warp (``src`` then holds the copy's pointers)."""
+        rotation, the copies cost 50-70 moves a step). With XL the sets hold no x: each step
+        loads its x words (an L1/L2 hit) when it runs."""
         last = k_lo + (nsub - 1) * SUBK
-        a = _pf_load(src, k_lo, GROUP, EVICT, xring, 0)
+        a = _pf_load(src, k_lo, GROUP, EVICT, XL)
         if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
             for i in range(nsub):
                 st = a
-                a = _loads(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT)
-                acc = _pf_step(acc, zero, st, DT, BLOCK_N, BLOCK_M, CH)
+                a = _pf_load(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT, XL)
+                acc = _pf_step(acc, zero, st, src, k_lo + i * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL)
         else:
-            b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, xring, 1)
+            b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, XL)
             if PF == 3:
-                c = _pf_load(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT, xring, 2)
+                c = _pf_load(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT, XL)
             for i in range(0, nsub - PF, PF + 1):
                 k = k_lo + i * SUBK
-                d = _pf_load(src, k + PF * SUBK, GROUP, EVICT, xring, PF)   # the set used last
-                acc, a = _pf_turn(acc, zero, a, src, gl.minimum(k + (PF + 1) * SUBK, last), DT,
-                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT, xring, 0, PF)
-                acc, b = _pf_turn(acc, zero, b, src, gl.minimum(k + (PF + 2) * SUBK, last), DT,
-                                  GROUP, BLOCK_N, BLOCK_M, CH, EVICT, xring, 1, PF)
+                d = _pf_load(src, k + PF * SUBK, GROUP, EVICT, XL)       # the set used last
+                acc, a = _pf_turn(acc, zero, a, src, k, gl.minimum(k + (PF + 1) * SUBK, last),
+                                  DT, GROUP, BLOCK_N, BLOCK_M, CH, EVICT, XL)
+                acc, b = _pf_turn(acc, zero, b, src, k + SUBK,
+                                  gl.minimum(k + (PF + 2) * SUBK, last), DT, GROUP, BLOCK_N,
+                                  BLOCK_M, CH, EVICT, XL)
                 if PF == 3:
-                    acc, c = _pf_turn(acc, zero, c, src, gl.minimum(k + 6 * SUBK, last), DT,
-                                      GROUP, BLOCK_N, BLOCK_M, CH, EVICT, xring, 2, PF)
-                acc = _pf_step(acc, zero, d, DT, BLOCK_N, BLOCK_M, CH, xring, PF, PF)
+                    acc, c = _pf_turn(acc, zero, c, src, k + 2 * SUBK,
+                                      gl.minimum(k + 6 * SUBK, last), DT, GROUP, BLOCK_N,
+                                      BLOCK_M, CH, EVICT, XL)
+                acc = _pf_step(acc, zero, d, src, k + PF * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL)
             r = nsub % (PF + 1)          # the remainder: in a, b (, c) already
+            kr = k_lo + (nsub - r) * SUBK
             if r >= 1:
-                acc = _pf_step(acc, zero, a, DT, BLOCK_N, BLOCK_M, CH, xring, 0, 0)
+                acc = _pf_step(acc, zero, a, src, kr, DT, BLOCK_N, BLOCK_M, CH, XL)
             if r >= 2:
-                acc = _pf_step(acc, zero, b, DT, BLOCK_N, BLOCK_M, CH, xring, 1, 0)
+                acc = _pf_step(acc, zero, b, src, kr + SUBK, DT, BLOCK_N, BLOCK_M, CH, XL)
             if PF == 3:
                 if r == 3:
-                    acc = _pf_step(acc, zero, c, DT, BLOCK_N, BLOCK_M, CH, xring, 2, 0)
-        if xring is not None:
-            cp.wait_group(0)             # the clamped copies past the end
+                    acc = _pf_step(acc, zero, c, src, kr + 2 * SUBK, DT, BLOCK_N, BLOCK_M, CH,
+                                   XL)
         return acc
 
     @gluon.jit
@@ -230,7 +228,7 @@ if HAVE_GLUON:
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
                          SPLIT_K: gl.constexpr, PF: gl.constexpr, ST: gl.constexpr,
                          XS: gl.constexpr, CH: gl.constexpr = 1, FIXUP: gl.constexpr = False,
-                         EVICT: gl.constexpr = ""):
+                         EVICT: gl.constexpr = "", XL: gl.constexpr = False):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         NSUB: gl.constexpr = BLOCK_K // 128
@@ -271,17 +269,12 @@ if HAVE_GLUON:
                     part = _sub_dot(w, z, xv, BLOCK_N, BLOCK_M, zero, CH)
                     s = gl.load(s_base + gi).to(gl.float32)
                     acc = acc + part * gl.expand_dims(s, 1)
-        elif XS:                         # PF, x through a ring (one slot per register set)
-            nsub = K // (SUBK * SPLIT_K)
-            xring, xc_base, xc_mask = _xring_alloc(x_ptr, stride_xm, M, DT, BLOCK_M, PF + 1)
-            acc = _pf_acc(acc, zero, (w_base, z_base, s_base, xc_base, xc_mask),
-                          pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT,
-                          xring)
         else:                            # one sub-tile a step, PF sub-tiles' loads in flight
             nsub = K // (SUBK * SPLIT_K)
             xw_base, xw_mask = _x_ptrs(x_ptr, stride_xm, M, BLOCK_M, True)
             acc = _pf_acc(acc, zero, (w_base, z_base, s_base, xw_base, xw_mask),
-                          pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT)
+                          pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT,
+                          XL)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         if FIXUP:                        # split K: the tile's last program adds the partials
             finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m,
@@ -292,24 +285,27 @@ if HAVE_GLUON:
             o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
-def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0):
+def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0,
+        xl=False):
     """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2/3 = one sub-tile a step, that many
-    sub-tiles' loads ahead in registers (BLOCK_K 128). st > 0: bk // 128 sub-tiles a step, the
-    weights through an st-slot cp.async ring (st >= 2 bk // 128); xs (with st, or pf >= 2): x
-    through a ring (one slot per register set with pf), not loaded by every warp. ch 2: each sub-tile as two independent mmas over its K
-    halves. sk > 1: the K slices' partials are added by the tile's last program (splitk_gluon).
-    ev: the weights are loaded with the L2 evict-first policy (they are read once). ctas (with
-    st): stream-K, that many programs per SM sharing the K steps evenly (int_gemv_streamk.py)."""
+    sub-tiles' loads ahead in registers (BLOCK_K 128); xl (with pf): x not among them, loaded
+    when its sub-tile is used. st > 0: bk // 128 sub-tiles a step, the weights through an
+    st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through a ring too, not loaded
+    by every warp. ch 2: each sub-tile as two independent mmas over its K halves. sk > 1: the
+    K slices' partials are added by the tile's last program (splitk_gluon). ev: the weights
+    are loaded with the L2 evict-first policy (they are read once). ctas (st or pf): stream-K,
+    that many programs per SM sharing the K steps evenly (int_gemv_streamk.py)."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
-            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool((st or pf >= 2) and xs),
-            "CH": ch,
-            **({"EVICT": True} if ev else {}), **({"CTAS": ctas} if ctas else {})}
+            "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch,
+            **({"EVICT": True} if ev else {}), **({"CTAS": ctas} if ctas else {}),
+            **({"XL": True} if xl and pf and not st else {})}
 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
 # some (shape, M) of the Llama shapes on an H100 (benchmarks/gluon_gemv.py and, for the split
-# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27; the last three,
-# split-K PF 2 / 3, benchmarks/gemv_ab.py on an H100 and the tuner on an H200, 2026-11-27).
+# ring configs and the evict-first loads, benchmarks/gemv_ceiling.py, 2026-11-27; split-K PF 2 / 3,
+# benchmarks/gemv_ab.py on an H100 and the tuner on an H200; the last two, PF 3 with x loaded at
+# use (BM 16) and unsplit PF 3 at BM 8, gemv_ab.py on an H100, 2026-11-27).
 CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 256, sk=4, bm=8),
            cfg(64, 256, sk=4, bm=8, ev=True), cfg(128, sk=4, pf=1, ev=True),
            cfg(128, sk=2, pf=1, ev=True), cfg(128, pf=2), cfg(64, pf=2, bm=8, ev=True),
@@ -317,7 +313,8 @@ CONFIGS = [cfg(64, 256, sk=2), cfg(64, 256, sk=4), cfg(64, 128, sk=8), cfg(64, 2
            cfg(128, 256, st=4, bm=8, xs=True), cfg(128, 256, st=4, xs=True),
            cfg(128, 128, st=4, xs=True), cfg(128, 256, sk=2, st=4, bm=8, xs=True),
            cfg(128, 256, sk=4, st=4, bm=8, xs=True), cfg(128, 256, sk=4, st=4, xs=True),
-           cfg(128, sk=4, pf=2), cfg(128, sk=4, pf=2, bm=8), cfg(128, sk=4, pf=3, bm=8)]
+           cfg(128, sk=4, pf=2), cfg(128, sk=4, pf=2, bm=8), cfg(128, sk=4, pf=3, bm=8),
+           cfg(128, pf=3, xl=True), cfg(128, pf=3, bm=8)]
 # Tried, not offered to the tuner (none won; benchmarks/gluon_gemv.py --extra,
 # benchmarks/gemv_ceiling.py; RESULTS.md):
 EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(64, 512, st=8, xs=True),
@@ -330,9 +327,12 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
     cfg(64, sk=4, pf=2), cfg(64, sk=2, pf=2, bm=8)] + [
     cfg(64, pf=3, bm=8, ev=True), cfg(64, sk=4, pf=3, bm=8), cfg(64, sk=2, pf=3, bm=8),  # PF 3 probes
     cfg(128, pf=3), cfg(128, sk=4, pf=3)] + [
-    # PF with x through a ring (written 2026-11-27, compiled offline; not yet run on a GPU)
-    cfg(128, pf=2, xs=True), cfg(128, sk=4, pf=2, xs=True), cfg(64, pf=2, bm=8, xs=True),
-    cfg(128, sk=4, pf=3, bm=8, xs=True), cfg(128, pf=3, xs=True)]
+    cfg(128, pf=2, xl=True), cfg(128, sk=4, pf=3, bm=8, xl=True), cfg(64, pf=2, bm=8, xl=True),   # XL
+    cfg(128, sk=4, pf=2, xl=True), cfg(128, pf=1, xl=True), cfg(128, sk=2, pf=3, xl=True),
+    cfg(128, sk=4, pf=3, xl=True)] + [
+    cfg(128, pf=2, ctas=2), cfg(128, pf=3, xl=True, ctas=2), cfg(128, pf=3, bm=8, ctas=2),  # stream-K
+    cfg(128, pf=2, bm=8, ctas=2), cfg(64, pf=2, bm=8, ctas=3, ev=True), cfg(128, pf=3, ctas=2)] + [
+    cfg(128, pf=3, bm=8, ev=True), cfg(128, pf=3, bm=8, xl=True), cfg(128, sk=2, pf=3, bm=8)]
 
 
 def format_fits(spec, K: int) -> bool:
@@ -351,13 +351,17 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and g % min(bk, g) == 0 and (bk <= g or bk % g == 0)
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
             and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
-            and not (c.get("XS") and (nw != 4 or not (c.get("ST") or c.get("PF", 0) >= 2)))
-            and not (c.get("CTAS") and (sk != 1 or not c.get("ST") or c.get("CH", 1) != 1)))
+            and not (c.get("XS") and (nw != 4 or not c.get("ST")))
+            and not (c.get("XL") and (c.get("ST") or not c.get("PF")))
+            and not (c.get("CTAS") and (sk != 1 or not (c.get("ST") or c.get("PF"))
+                                        or c.get("CH", 1) != 1)))
 
 
 def launch(x, t, spec, N, K, c, out=None):
     """Run one config: x [M, K] (bf16/fp16, contiguous rows) -> out [M, N] in x.dtype."""
     import torch
+    if c.get("PF") and (x.data_ptr() % 4 or x.stride(0) % 2):    # PF reads x as 32-bit words
+        x = x.clone(memory_format=torch.contiguous_format)
     if c.get("CTAS"):
         from runtime.kernels import int_gemv_streamk
         return int_gemv_streamk.launch(x, t, spec, N, K, c, out)
@@ -365,8 +369,6 @@ def launch(x, t, spec, N, K, c, out=None):
     from runtime.kernels.splitk import fused_counters, partials, sum_partials
     from runtime.kernels.common import prepare_gluon
     M, g, out = prepare_gluon(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
-    if c.get("PF") and (x.data_ptr() % 4 or x.stride(0) % 2):    # PF reads x as 32-bit words
-        x = x.clone(memory_format=torch.contiguous_format)
     sk = c["SPLIT_K"]
     dst = partials(out, sk)                            # float32 [sk, M, N] when K is split
     tiles = triton.cdiv(N, c["BLOCK_N"])
@@ -377,7 +379,8 @@ def launch(x, t, spec, N, K, c, out=None):
         K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
         SPLIT_K=sk, PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")),
         CH=c.get("CH", 1), FIXUP=cnt is not None,
-        EVICT="evict_first" if c.get("EVICT") else "", num_warps=c["num_warps"])
+        EVICT="evict_first" if c.get("EVICT") else "", XL=bool(c.get("XL")),
+        num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order
     return out

@@ -1,5 +1,5 @@
-"""Stream-K for the Gluon int4 GEMV's ring configs (int_gemv_gluon.py, ``ST`` > 0): exactly
-``CTAS`` programs per SM, each given the same number of K steps.
+"""Stream-K for the Gluon int4 GEMV's ring and PF configs (int_gemv_gluon.py, ``ST`` > 0 or
+``PF`` > 0): exactly ``CTAS`` programs per SM, each given the same number of K steps.
 
 The work is ``T = cdiv(N, BLOCK_N)`` row tiles of ``S = K / BLOCK_K`` steps, ``U = T S`` units in
 all, tile-major. Program ``p`` of ``P`` takes units ``[p U // P, (p + 1) U // P)``, so it may
@@ -51,7 +51,8 @@ if HAVE_GLUON:
     def _int4_gemv_streamk(x_ptr, qw_ptr, s_ptr, z_ptr, ws_ptr, out_ptr, cnt_ptr, M, N, K, G,
                            stride_xm, stride_om, stride_qw, T, S, P, GROUP: gl.constexpr,
                            BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
-                           ST: gl.constexpr, XS: gl.constexpr, EVICT: gl.constexpr):
+                           ST: gl.constexpr, XS: gl.constexpr, EVICT: gl.constexpr,
+                           PF: gl.constexpr = 0, XL: gl.constexpr = False):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         NSUB: gl.constexpr = BLOCK_K // 128
@@ -65,18 +66,26 @@ if HAVE_GLUON:
         x_base, x_mask = V._x_ptrs(x_ptr, stride_xm, M, BLOCK_M)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        ring, xring, xc_base, xc_mask = V._ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT,
-                                                      BLOCK_N, BLOCK_M, ST, XS)
+        if PF:                                                 # x as 32-bit words
+            xw_base, xw_mask = V._x_ptrs(x_ptr, stride_xm, M, BLOCK_M, True)
+        else:
+            ring, xring, xc_base, xc_mask = V._ring_alloc(x_ptr, stride_xm, M, x_base, x_mask,
+                                                          DT, BLOCK_N, BLOCK_M, ST, XS)
         for t in range(u0 // S, (u1 + S - 1) // S):            # the tiles this program touches
             a = gl.maximum(u0, t * S)
             b = gl.minimum(u1, t * S + S)
             rows_w = (t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LW))) % N
             w_base = qw_ptr + gl.expand_dims(rows_w * stride_qw, 1) + gl.expand_dims(offs_p, 0)
             offs_n = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-            acc = V._ring_acc(zero, zero, ring, xring, w_base, z_ptr + rows_w * G,
-                              s_ptr + (offs_n % N) * G, x_base, x_mask, xc_base, xc_mask,
-                              (a - t * S) * BLOCK_K, (b - a) * NSUB, GROUP, BLOCK_N, BLOCK_M,
-                              NSUB, ST, XS, 1, EVICT)
+            if PF:
+                acc = V._pf_acc(zero, zero, (w_base, z_ptr + rows_w * G, s_ptr + (offs_n % N) * G,
+                                             xw_base, xw_mask), (a - t * S) * BLOCK_K, b - a,
+                                DT, GROUP, BLOCK_N, BLOCK_M, PF, 1, EVICT, XL)
+            else:
+                acc = V._ring_acc(zero, zero, ring, xring, w_base, z_ptr + rows_w * G,
+                                  s_ptr + (offs_n % N) * G, x_base, x_mask, xc_base, xc_mask,
+                                  (a - t * S) * BLOCK_K, (b - a) * NSUB, GROUP, BLOCK_N, BLOCK_M,
+                                  NSUB, ST, XS, 1, EVICT)
             first = ((t * S + 1) * P - 1) // U                 # owner(t S)
             last = ((t * S + S) * P - 1) // U                  # owner(t S + S - 1)
             if first == last:                                  # the whole tile: store it
@@ -114,5 +123,6 @@ def launch(x, t, spec, N, K, c, out=None):
         x, t["qweight"].view(torch.int32), t["scales"], t["zeros"], ws, out, counters(x.device, T),
         M, N, K, K // g, x.stride(0), out.stride(0), K // 8, T, S, P, GROUP=g,
         BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], ST=c["ST"],
-        XS=bool(c.get("XS")), EVICT="", num_warps=c["num_warps"])
+        XS=bool(c.get("XS")), EVICT="evict_first" if c.get("EVICT") else "", PF=c.get("PF", 0),
+        XL=bool(c.get("XL")), num_warps=c["num_warps"])
     return out
