@@ -62,6 +62,34 @@ def test_all_configs(c):
             _check(G.launch(x, t, SPEC, N, K, c), ref, torch.bfloat16, M, N)
 
 
+def test_fm_only_where_every_row_is_one_of_x():
+    """FM (x loaded without a mask) goes with a PF loop, M = BLOCK_M and no stream-K."""
+    ok = lambda c, M: G.valid(c, M, 4096, 4096, SPEC)   # noqa: E731
+    assert ok(G.cfg(128, pf=3, bm=8, fm=True), 8) and not ok(G.cfg(128, pf=3, bm=8, fm=True), 7)
+    assert ok(G.cfg(128, pf=2, fm=True), 16) and not ok(G.cfg(128, pf=2, fm=True), 8)
+    assert "FM" not in G.cfg(64, 256, fm=True) and not ok({**G.cfg(64, 256), "FM": True}, 16)
+    assert not ok(G.cfg(128, pf=2, fm=True, ctas=2), 16)
+
+
+@pytest.mark.cuda
+@gpu
+@pytest.mark.parametrize("c", [c for c in G.EXTRA if c.get("FM")], ids=str)
+@pytest.mark.parametrize("N,K", [(300, 640), (4096, 1024), (256, 8192)])
+def test_fm_gives_the_masked_loads_bits(c, N, K):
+    """At M = BLOCK_M the unmasked x loads read what the masked ones do: the same bits, bf16
+    and fp16, 1-5 sub-tiles per split included."""
+    M = c["BLOCK_M"]
+    plain = {k: v for k, v in c.items() if k != "FM"}
+    for dtype in (torch.bfloat16, torch.float16):
+        x, t, ref = _inputs(N, K, M, dtype, seed=N + K)
+        if not G.valid(c, M, N, K, SPEC):
+            assert K % (128 * c["SPLIT_K"])
+            continue
+        y = G.launch(x, t, SPEC, N, K, c)
+        _check(y, ref, dtype, M, N)
+        assert torch.equal(y, G.launch(x, t, SPEC, N, K, plain))
+
+
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(128, pf=2, xl=True),

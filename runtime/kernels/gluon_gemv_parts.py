@@ -1,7 +1,9 @@
 """The building blocks of the Gluon int4 GEMV (int_gemv_gluon.py, whose docstring explains the
 layouts and the K order): the linear layouts of the packed words, x and the mma, the unpacking of
-a word pair into the A operand (``_pair``), one 128-wide sub-tile's mma (``_sub_dot``), and x's
-pointers, as bf16/fp16 values or (``_x_ptrs(.., WORDS=True)`` / ``_x_unpack``) as 32-bit words.
+a word pair into the A operand (``_pair``), one 128-wide sub-tile's mma (``_sub_dot``), x's
+pointers, as bf16/fp16 values or (``_x_ptrs(.., WORDS=True)`` / ``_x_unpack``) as 32-bit words,
+and the shared-memory ring that holds x's sub-tiles for the XS configs (``_xring_alloc`` /
+``_xring_read``).
 """
 from __future__ import annotations
 
@@ -78,13 +80,22 @@ if HAVE_GLUON:
                 gl.load(s_base + k // GROUP))
 
     @gluon.jit
-    def _loads(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr):
+    def _loads(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr, FM: gl.constexpr = False):
         """``_wzs_loads`` and x as 32-bit words (code pairs: values carried from one step to the
         next stay whole registers); ``src``: (words, zeros, scales, x words) pointers and x's
-        mask."""
+        mask; FM: ``_xw_load``."""
         w_base, z_base, s_base, xw_base, x_mask = src
         w, z, s = _wzs_loads(w_base, z_base, s_base, k, GROUP, EVICT)
-        return w, z, s, gl.load(xw_base + k // 2, mask=x_mask, other=0)
+        return w, z, s, _xw_load(xw_base + k // 2, x_mask, FM)
+
+    @gluon.jit
+    def _xw_load(ptrs, x_mask, FM: gl.constexpr):
+        """x's words at ``ptrs``: rows past M (``x_mask``) read as 0; FM (every row of the tile
+        is one of x's): no mask, so no registers zeroed before the load."""
+        if FM:
+            return gl.load(ptrs)
+        else:
+            return gl.load(ptrs, mask=x_mask, other=0)
 
     @gluon.jit
     def _x_unpack(xw, DT: gl.constexpr, BLOCK_M: gl.constexpr):
@@ -150,3 +161,32 @@ if HAVE_GLUON:
             return xw + xm * (stride_xm // 2) + xp * 4 + xc, mask
         else:
             return x_ptr + xm * stride_xm + xp * 8 + xc, mask
+
+    @gluon.jit
+    def _xring_alloc(x_ptr, stride_xm, M, DT: gl.constexpr, BLOCK_M: gl.constexpr,
+                     SLOTS: gl.constexpr):
+        """A SLOTS-slot ring for x's sub-tiles in shared memory (``[4 (p%4), BM, 4 (p//4), 8]``
+        a slot, read by ``_xring_read``) and the pointers/mask of its copies (4 warps)."""
+        NW: gl.constexpr = gl.num_warps()
+        LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
+        xring = gl.allocate_shared_memory(DT, [SLOTS, 4, BLOCK_M, 4, 8],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+        cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+        cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
+        ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
+        cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
+        cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
+        cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
+        ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
+        cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
+        xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
+        xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
+        return xring, xc_base, xc_mask
+
+    @gluon.jit
+    def _xring_read(xring, slot, BLOCK_M: gl.constexpr):
+        """x's sub-tile in ring slot ``slot`` as ``[16 (p), BM, 8]`` in ``_x_layout``."""
+        NW: gl.constexpr = gl.num_warps()
+        xr = xring.index(slot).load(_xring_read_layout(BLOCK_M, NW))
+        return gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)), [16, BLOCK_M, 8]),
+                                 _x_layout(BLOCK_M, NW))

@@ -50,28 +50,7 @@ from runtime.kernels.gluon_layouts import SUBK, SUBK_K, _asm  # noqa: E402,F401 
 if HAVE_GLUON:
     from runtime.kernels.gluon_gemv_parts import (_align, _loads, _mma_layout, _sub_dot,  # noqa: F401
                                                   _word_layout, _wzs_loads, _x_layout, _x_ptrs,
-                                                  _x_unpack, _xring_read_layout)
-
-    @gluon.jit
-    def _xring_alloc(x_ptr, stride_xm, M, DT: gl.constexpr, BLOCK_M: gl.constexpr,
-                     SLOTS: gl.constexpr):
-        """A SLOTS-slot ring for x's sub-tiles in shared memory (``[4 (p%4), BM, 4 (p//4), 8]``
-        a slot, read by ``_xring_read``) and the pointers/mask of its copies (4 warps)."""
-        NW: gl.constexpr = gl.num_warps()
-        LXC: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
-        xring = gl.allocate_shared_memory(DT, [SLOTS, 4, BLOCK_M, 4, 8],
-                                          gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
-        cl = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
-        cm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LXC))))
-        ch = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LXC))))
-        cc = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LXC))))
-        cl = gl.expand_dims(gl.expand_dims(gl.expand_dims(cl, 1), 2), 3)
-        cm = gl.expand_dims(gl.expand_dims(gl.expand_dims(cm, 0), 2), 3)
-        ch = gl.expand_dims(gl.expand_dims(gl.expand_dims(ch, 0), 1), 3)
-        cc = gl.expand_dims(gl.expand_dims(gl.expand_dims(cc, 0), 1), 2)
-        xc_base = x_ptr + cm * stride_xm + (ch * 4 + cl) * 8 + cc
-        xc_mask = (cm < M) & (cl >= 0) & (ch >= 0) & (cc >= 0)
-        return xring, xc_base, xc_mask
+                                                  _x_unpack, _xring_alloc, _xring_read, _xw_load)
 
     @gluon.jit
     def _ring_alloc(x_ptr, stride_xm, M, x_base, x_mask, DT: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -136,32 +115,25 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _xring_read(xring, slot, BLOCK_M: gl.constexpr):
-        """x's sub-tile in ring slot ``slot`` as ``[16 (p), BM, 8]`` in ``_x_layout``."""
-        NW: gl.constexpr = gl.num_warps()
-        xr = xring.index(slot).load(_xring_read_layout(BLOCK_M, NW))
-        return gl.convert_layout(gl.reshape(gl.permute(xr, (2, 0, 1, 3)), [16, BLOCK_M, 8]),
-                                 _x_layout(BLOCK_M, NW))
-
-    @gluon.jit
-    def _pf_load(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr, XL: gl.constexpr):
+    def _pf_load(src, k, GROUP: gl.constexpr, EVICT: gl.constexpr, XL: gl.constexpr,
+                 FM: gl.constexpr):
         """A register set: sub-tile k's ``_loads``; with XL the words, zeros and scales only
         (x is loaded when the set is used)."""
         if XL:
             w_base, z_base, s_base, xw_base, x_mask = src
             return _wzs_loads(w_base, z_base, s_base, k, GROUP, EVICT)
         else:
-            return _loads(src, k, GROUP, EVICT)
+            return _loads(src, k, GROUP, EVICT, FM)
 
     @gluon.jit
     def _pf_step(acc, zero, st, src, k, DT: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_M: gl.constexpr, CH: gl.constexpr, XL: gl.constexpr):
+                 BLOCK_M: gl.constexpr, CH: gl.constexpr, XL: gl.constexpr, FM: gl.constexpr):
         """``acc`` plus one sub-tile (k) held in registers: ``st`` from ``_pf_load``; with XL,
         x's words for k are loaded here."""
         if XL:
             w, z, s = st
             w_base, z_base, s_base, xw_base, x_mask = src
-            xw = gl.load(xw_base + k // 2, mask=x_mask, other=0)
+            xw = _xw_load(xw_base + k // 2, x_mask, FM)
         else:
             w, z, s, xw = st
         part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), BLOCK_N, BLOCK_M, zero, CH)
@@ -170,56 +142,56 @@ if HAVE_GLUON:
     @gluon.jit
     def _pf_turn(acc, zero, st, src, k, kn, DT: gl.constexpr, GROUP: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, CH: gl.constexpr,
-                 EVICT: gl.constexpr, XL: gl.constexpr):
+                 EVICT: gl.constexpr, XL: gl.constexpr, FM: gl.constexpr):
         """``acc`` plus the sub-tile k in register set ``st``, and the set reloaded with
         sub-tile ``kn``."""
-        acc = _pf_step(acc, zero, st, src, k, DT, BLOCK_N, BLOCK_M, CH, XL)
-        return acc, _pf_load(src, kn, GROUP, EVICT, XL)
+        acc = _pf_step(acc, zero, st, src, k, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
+        return acc, _pf_load(src, kn, GROUP, EVICT, XL, FM)
 
     @gluon.jit
     def _pf_acc(acc, zero, src, k_lo, nsub, DT: gl.constexpr, GROUP: gl.constexpr,
                 BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, PF: gl.constexpr, CH: gl.constexpr,
-                EVICT: gl.constexpr, XL: gl.constexpr):
+                EVICT: gl.constexpr, XL: gl.constexpr, FM: gl.constexpr = False):
         """``acc`` plus the ``nsub`` sub-tiles from ``k_lo`` of ``src`` (``_loads``), one a
         step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
         clamped to the last sub-tile: valid, unused). PF 2 / 3: three / four register sets used
         in turn, the loop unrolled 3 / 4 times so that no set is copied into another (as a
         rotation, the copies cost 50-70 moves a step). With XL the sets hold no x: each step
-        loads its x words (an L1/L2 hit) when it runs."""
+        loads its x words (an L1/L2 hit) when it runs. FM: ``_xw_load``."""
         last = k_lo + (nsub - 1) * SUBK
-        a = _pf_load(src, k_lo, GROUP, EVICT, XL)
+        a = _pf_load(src, k_lo, GROUP, EVICT, XL, FM)
         if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
             for i in range(nsub):
                 st = a
-                a = _pf_load(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT, XL)
-                acc = _pf_step(acc, zero, st, src, k_lo + i * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL)
+                a = _pf_load(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT, XL, FM)
+                acc = _pf_step(acc, zero, st, src, k_lo + i * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
         else:
-            b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, XL)
+            b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, XL, FM)
             if PF == 3:
-                c = _pf_load(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT, XL)
+                c = _pf_load(src, gl.minimum(k_lo + 2 * SUBK, last), GROUP, EVICT, XL, FM)
             for i in range(0, nsub - PF, PF + 1):
                 k = k_lo + i * SUBK
-                d = _pf_load(src, k + PF * SUBK, GROUP, EVICT, XL)       # the set used last
+                d = _pf_load(src, k + PF * SUBK, GROUP, EVICT, XL, FM)       # the set used last
                 acc, a = _pf_turn(acc, zero, a, src, k, gl.minimum(k + (PF + 1) * SUBK, last),
-                                  DT, GROUP, BLOCK_N, BLOCK_M, CH, EVICT, XL)
+                                  DT, GROUP, BLOCK_N, BLOCK_M, CH, EVICT, XL, FM)
                 acc, b = _pf_turn(acc, zero, b, src, k + SUBK,
                                   gl.minimum(k + (PF + 2) * SUBK, last), DT, GROUP, BLOCK_N,
-                                  BLOCK_M, CH, EVICT, XL)
+                                  BLOCK_M, CH, EVICT, XL, FM)
                 if PF == 3:
                     acc, c = _pf_turn(acc, zero, c, src, k + 2 * SUBK,
                                       gl.minimum(k + 6 * SUBK, last), DT, GROUP, BLOCK_N,
-                                      BLOCK_M, CH, EVICT, XL)
-                acc = _pf_step(acc, zero, d, src, k + PF * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL)
+                                      BLOCK_M, CH, EVICT, XL, FM)
+                acc = _pf_step(acc, zero, d, src, k + PF * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
             r = nsub % (PF + 1)          # the remainder: in a, b (, c) already
             kr = k_lo + (nsub - r) * SUBK
             if r >= 1:
-                acc = _pf_step(acc, zero, a, src, kr, DT, BLOCK_N, BLOCK_M, CH, XL)
+                acc = _pf_step(acc, zero, a, src, kr, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
             if r >= 2:
-                acc = _pf_step(acc, zero, b, src, kr + SUBK, DT, BLOCK_N, BLOCK_M, CH, XL)
+                acc = _pf_step(acc, zero, b, src, kr + SUBK, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
             if PF == 3:
                 if r == 3:
                     acc = _pf_step(acc, zero, c, src, kr + 2 * SUBK, DT, BLOCK_N, BLOCK_M, CH,
-                                   XL)
+                                   XL, FM)
         return acc
 
     @gluon.jit
@@ -228,7 +200,8 @@ if HAVE_GLUON:
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_M: gl.constexpr,
                          SPLIT_K: gl.constexpr, PF: gl.constexpr, ST: gl.constexpr,
                          XS: gl.constexpr, CH: gl.constexpr = 1, FIXUP: gl.constexpr = False,
-                         EVICT: gl.constexpr = "", XL: gl.constexpr = False):
+                         EVICT: gl.constexpr = "", XL: gl.constexpr = False,
+                         FM: gl.constexpr = False):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         NSUB: gl.constexpr = BLOCK_K // 128
@@ -274,7 +247,7 @@ if HAVE_GLUON:
             xw_base, xw_mask = _x_ptrs(x_ptr, stride_xm, M, BLOCK_M, True)
             acc = _pf_acc(acc, zero, (w_base, z_base, s_base, xw_base, xw_mask),
                           pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT,
-                          XL)
+                          XL, FM)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         if FIXUP:                        # split K: the tile's last program adds the partials
             finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m,
@@ -286,19 +259,21 @@ if HAVE_GLUON:
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0,
-        xl=False):
+        xl=False, fm=False):
     """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2/3 = one sub-tile a step, that many
     sub-tiles' loads ahead in registers (BLOCK_K 128); xl (with pf): x not among them, loaded
-    when its sub-tile is used. st > 0: bk // 128 sub-tiles a step, the weights through an
-    st-slot cp.async ring (st >= 2 bk // 128); xs (with st): x through a ring too, not loaded
-    by every warp. ch 2: each sub-tile as two independent mmas over its K halves. sk > 1: the
-    K slices' partials are added by the tile's last program (splitk_gluon). ev: the weights
-    are loaded with the L2 evict-first policy (they are read once). ctas (st or pf): stream-K,
-    that many programs per SM sharing the K steps evenly (int_gemv_streamk.py)."""
+    when its sub-tile is used; fm (with pf; only for M = bm): x loaded without a mask. st > 0:
+    bk // 128 sub-tiles a step, the weights through an st-slot cp.async ring (st >= 2 bk //
+    128); xs (with st): x through a ring too, not loaded by every warp. ch 2: each sub-tile as
+    two independent mmas over its K halves. sk > 1: the K slices' partials are added by the
+    tile's last program (splitk_gluon). ev: the weights are loaded with the L2 evict-first
+    policy (they are read once). ctas (st or pf): stream-K, that many programs per SM sharing
+    the K steps evenly (int_gemv_streamk.py)."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
             "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch,
             **({"EVICT": True} if ev else {}), **({"CTAS": ctas} if ctas else {}),
-            **({"XL": True} if xl and pf and not st else {})}
+            **({"XL": True} if xl and pf and not st else {}),
+            **({"FM": True} if fm and pf and not st else {})}
 
 
 # The tuner's list (each config costs a compile and a timing at warm-up): the configs that won
@@ -332,7 +307,10 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
     cfg(128, sk=4, pf=3, xl=True)] + [
     cfg(128, pf=2, ctas=2), cfg(128, pf=3, xl=True, ctas=2), cfg(128, pf=3, bm=8, ctas=2),  # stream-K
     cfg(128, pf=2, bm=8, ctas=2), cfg(64, pf=2, bm=8, ctas=3, ev=True), cfg(128, pf=3, ctas=2)] + [
-    cfg(128, pf=3, bm=8, ev=True), cfg(128, pf=3, bm=8, xl=True), cfg(128, sk=2, pf=3, bm=8)]
+    cfg(128, pf=3, bm=8, ev=True), cfg(128, pf=3, bm=8, xl=True), cfg(128, sk=2, pf=3, bm=8)] + [
+    # FM (x without a mask at M = BLOCK_M; written 2026-11-27, compiled offline, not yet run)
+    cfg(128, pf=3, xl=True, fm=True), cfg(128, sk=4, pf=2, fm=True), cfg(128, pf=3, bm=8, fm=True),
+    cfg(128, sk=4, pf=3, bm=8, fm=True)]
 
 
 def format_fits(spec, K: int) -> bool:
@@ -352,7 +330,8 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
             and bn % (16 * nw) == 0 and c["BLOCK_M"] in (8, 16) and M <= c["BLOCK_M"]
             and (c.get("ST", 0) == 0 or c["ST"] >= 2 * (bk // SUBK_K))
             and not (c.get("XS") and (nw != 4 or not c.get("ST")))
-            and not (c.get("XL") and (c.get("ST") or not c.get("PF")))
+            and not ((c.get("XL") or c.get("FM")) and (c.get("ST") or not c.get("PF")))
+            and not (c.get("FM") and (M != c["BLOCK_M"] or c.get("CTAS")))
             and not (c.get("CTAS") and (sk != 1 or not (c.get("ST") or c.get("PF"))
                                         or c.get("CH", 1) != 1)))
 
@@ -380,7 +359,7 @@ def launch(x, t, spec, N, K, c, out=None):
         SPLIT_K=sk, PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")),
         CH=c.get("CH", 1), FIXUP=cnt is not None,
         EVICT="evict_first" if c.get("EVICT") else "", XL=bool(c.get("XL")),
-        num_warps=c["num_warps"])
+        FM=bool(c.get("FM")), num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order
     return out
