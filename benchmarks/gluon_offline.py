@@ -7,7 +7,8 @@ report what its compiled code does with shared memory: no GPU (and no torch) nee
 (/tmp/t36: a venv with triton 3.6, the device's version.) For each config: ``shared`` bytes
 (metadata), registers and SHARED from ``cuobjdump --dump-resource-usage``, PTX counts of
 st.shared / ld.shared / ldmatrix / mma / global loads, SASS opcode counts (STS, LDS, LDSM, HMMA,
-LDG, PRMT, LDL / STL: spills) from the bundled ``nvdisasm``, and TTGIR counts of local_alloc / convert_layout.
+LDG, PRMT, LDL / STL: spills) from the bundled ``nvdisasm``, and TTGIR counts of local_alloc /
+convert_layout.
 With ``--torch-site`` (a site-packages holding torch, appended after triton 3.6 on sys.path)
 the existing ``_int_gemv_kernel`` of int_gemv.py is compiled the same way for comparison.
 """
@@ -220,13 +221,15 @@ def main() -> int:
              for bn, bm in ((64, 16), (128, 16), (128, 8))]
     cfgs += [(c, "bf16") for c in G.CONFIGS if c["SPLIT_K"] > 1]        # with the fused fixup
     cfgs += [(G.cfg(128, 256, st=4, bm=8, xs=True, ev=True), "bf16"), (G.cfg(128, pf=2, ev=True), "bf16")]
-    cfgs += [(c, "bf16") for c in G.CONFIGS + G.EXTRA if (c.get("XL") or c.get("FM")) and not c.get("CTAS")]
+    cfgs += [(c, "bf16") for c in G.CONFIGS + G.EXTRA
+             if (c.get("XL") or c.get("FM")) and not c.get("CTAS")]      # (stream-K: below)
     cfgs += [(G.cfg(64, pf=3, xl=True), "fp16")]
     for c, dt in cfgs:
         pf, st = c["PF"], c["ST"]
         name = (f"gluon_bn{c['BLOCK_N']}_bk{c['BLOCK_K']}_w{c['num_warps']}_{dt}_bm{c['BLOCK_M']}"
                 + (f"_pf{pf}" if pf else "") + (f"_st{st}" if st else "") + ("_xs" if c["XS"] else "")
-                + (f"_sk{c['SPLIT_K']}" if c["SPLIT_K"] > 1 else "") + ("_ev" if c.get("EVICT") else "")
+                + (f"_sk{c['SPLIT_K']}" if c["SPLIT_K"] > 1 else "")
+                + ("_ev" if c.get("EVICT") else "")
                 + ("_xl" if c.get("XL") else "") + ("_fm" if c.get("FM") else "")
                 + ("_ch2" if c["CH"] == 2 else ""))
         try:

@@ -78,7 +78,8 @@ def test_finalists_are_ranked_by_the_median_of_three(monkeypatch, tmp_path):
     monkeypatch.setattr(tuning, "_time", lambda run, fits=False: (run(), seq[ran[-1]].pop(0))[1])
     tuner = tuning.Tuner("k")
     cands = [{"n": n} for n in seq]
-    assert tuner.pick((1,), cands, lambda c: True, lambda c: ran.append(c["n"]), True) == {"n": "steady"}
+    launch = lambda c: ran.append(c["n"])  # noqa: E731
+    assert tuner.pick((1,), cands, lambda c: True, launch, True) == {"n": "steady"}
     assert [(c["n"], ms) for c, ms in tuner.timings[(1,)]] == [
         ("steady", 2.0), ("third", 3.0), ("lucky", 9.0), ("slow", 8.0)]
     assert ran.count("slow") == 1 and ran.count("lucky") == 3

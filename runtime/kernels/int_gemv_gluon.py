@@ -164,7 +164,8 @@ if HAVE_GLUON:
             for i in range(nsub):
                 st = a
                 a = _pf_load(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT, XL, FM)
-                acc = _pf_step(acc, zero, st, src, k_lo + i * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
+                acc = _pf_step(acc, zero, st, src, k_lo + i * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL,
+                               FM)
         else:
             b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, XL, FM)
             if PF == 3:
@@ -301,11 +302,11 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
     cfg(128, pf=2, bm=8), cfg(128, sk=2, pf=2), cfg(128, pf=2, nw=8, bm=8),             # PF probes
     cfg(64, sk=4, pf=2), cfg(64, sk=2, pf=2, bm=8)] + [
     cfg(64, pf=3, bm=8, ev=True), cfg(64, sk=4, pf=3, bm=8), cfg(64, sk=2, pf=3, bm=8),  # PF 3 probes
-    cfg(128, pf=3), cfg(128, sk=4, pf=3)] + [
-    cfg(128, pf=2, xl=True), cfg(128, sk=4, pf=3, bm=8, xl=True), cfg(64, pf=2, bm=8, xl=True),   # XL
+    cfg(128, pf=3), cfg(128, sk=4, pf=3)] + [                                           # XL
+    cfg(128, pf=2, xl=True), cfg(128, sk=4, pf=3, bm=8, xl=True), cfg(64, pf=2, bm=8, xl=True),
     cfg(128, sk=4, pf=2, xl=True), cfg(128, pf=1, xl=True), cfg(128, sk=2, pf=3, xl=True),
-    cfg(128, sk=4, pf=3, xl=True)] + [
-    cfg(128, pf=2, ctas=2), cfg(128, pf=3, xl=True, ctas=2), cfg(128, pf=3, bm=8, ctas=2),  # stream-K
+    cfg(128, sk=4, pf=3, xl=True)] + [                                                  # stream-K
+    cfg(128, pf=2, ctas=2), cfg(128, pf=3, xl=True, ctas=2), cfg(128, pf=3, bm=8, ctas=2),
     cfg(128, pf=2, bm=8, ctas=2), cfg(64, pf=2, bm=8, ctas=3, ev=True), cfg(128, pf=3, ctas=2)] + [
     cfg(128, pf=3, bm=8, ev=True), cfg(128, pf=3, bm=8, xl=True), cfg(128, sk=2, pf=3, bm=8)] + [
     # FM (x without a mask at M = BLOCK_M; written 2026-11-27, compiled offline, not yet run)
