@@ -42,18 +42,19 @@ ALIGNED = ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "out_ptr", "K", "stride_xm", "st
 GEMM_ARGS = ARGS[:5] + ["fin_ptr", "cnt_ptr"] + ARGS[5:11] + ["stride_fin", "stride_qw"]
 
 
-def _sig(dt: str, consts: dict, gluon: bool = True) -> tuple[dict, dict]:
-    """The Gluon kernels' signature (both: GEMM_ARGS), or (not ``gluon``) int_gemv.py's Triton
-    kernel's: ``out_ptr`` is the float32 workspace when K is split (FIXUP), ``fin_ptr`` the
-    output."""
-    names = GEMM_ARGS if gluon else ARGS
+def _sig(dt: str, consts: dict, gluon: bool = True, names=None) -> tuple[dict, dict]:
+    """The Gluon kernels' signature (both: GEMM_ARGS; ``names``: another kernel's, e.g. the
+    stream-K GEMV's SK_ARGS), or (not ``gluon``) int_gemv.py's Triton kernel's: ``out_ptr`` is
+    the float32 workspace when K is split (FIXUP), ``fin_ptr`` the output."""
+    names = names or (GEMM_ARGS if gluon else ARGS)
     split = bool(consts.get("FIXUP"))
     types = {"x_ptr": "*" + dt, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
-             "out_ptr": "*fp32" if split else "*" + dt, "fin_ptr": "*" + dt, "cnt_ptr": "*i32"}
+             "out_ptr": "*fp32" if split else "*" + dt, "fin_ptr": "*" + dt, "cnt_ptr": "*i32",
+             "ws_ptr": "*fp32"}
     sig = {a: types.get(a, "i32") for a in names}
     sig.update({k: "constexpr" for k in consts})
-    attrs = {(names.index(a),): DIV16 for a in ALIGNED + ("fin_ptr", "cnt_ptr", "stride_fin")
-             if a in names}
+    attrs = {(names.index(a),): DIV16
+             for a in ALIGNED + ("fin_ptr", "cnt_ptr", "stride_fin", "ws_ptr") if a in names}
     return sig, attrs
 
 
@@ -152,7 +153,8 @@ SK_ARGS = ["x_ptr", "qw_ptr", "s_ptr", "z_ptr", "ws_ptr", "out_ptr", "cnt_ptr", 
 
 
 def streamk_report(dump) -> bool:
-    """The stream-K ring configs (int_gemv_streamk.py): compile, no spills, 16-byte copies."""
+    """The stream-K configs (int_gemv_streamk.py, ring and PF): compile, no spills, 16-byte
+    copies."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from runtime.kernels import int_gemv_gluon as G
     from runtime.kernels import int_gemv_streamk as SK
@@ -165,11 +167,7 @@ def streamk_report(dump) -> bool:
                       "BLOCK_M": c["BLOCK_M"], "ST": c["ST"], "XS": c["XS"],
                       "EVICT": "evict_first" if c.get("EVICT") else "", "PF": c["PF"],
                       "XL": bool(c.get("XL"))}
-            types = {"x_ptr": "*" + dt, "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8",
-                     "ws_ptr": "*fp32", "out_ptr": "*" + dt, "cnt_ptr": "*i32"}
-            sig = {a: types.get(a, "i32") for a in SK_ARGS}
-            sig.update({k: "constexpr" for k in consts})
-            attrs = {(SK_ARGS.index(a),): DIV16 for a in ALIGNED + ("ws_ptr", "cnt_ptr") if a in SK_ARGS}
+            sig, attrs = _sig(dt, consts, names=SK_ARGS)
             try:
                 src = GluonASTSource(SK._int4_gemv_streamk, sig, constexprs=consts, attrs=attrs)
                 row = report(name, triton.compile(src, target=TARGET,
