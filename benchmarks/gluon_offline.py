@@ -166,7 +166,7 @@ def streamk_report(dump) -> bool:
             consts = {"GROUP": 128, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
                       "BLOCK_M": c["BLOCK_M"], "ST": c["ST"], "XS": c["XS"],
                       "EVICT": "evict_first" if c.get("EVICT") else "", "PF": c["PF"],
-                      "XL": bool(c.get("XL"))}
+                      "XL": int(c.get("XL", 0))}
             sig, attrs = _sig(dt, consts, names=SK_ARGS)
             try:
                 src = GluonASTSource(SK._int4_gemv_streamk, sig, constexprs=consts, attrs=attrs)
@@ -228,7 +228,7 @@ def main() -> int:
                 + (f"_pf{pf}" if pf else "") + (f"_st{st}" if st else "") + ("_xs" if c["XS"] else "")
                 + (f"_sk{c['SPLIT_K']}" if c["SPLIT_K"] > 1 else "")
                 + ("_ev" if c.get("EVICT") else "")
-                + ("_xl" if c.get("XL") else "") + ("_fm" if c.get("FM") else "")
+                + (f"_xl{c['XL']}" if c.get("XL") else "") + ("_fm" if c.get("FM") else "")
                 + ("_ch2" if c["CH"] == 2 else ""))
         try:
             row = report(name, compile_gluon(G._int4_gemv_gluon, c, dt), args.dump)

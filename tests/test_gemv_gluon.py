@@ -92,6 +92,24 @@ def test_fm_gives_the_masked_loads_bits(c, N, K):
 
 @pytest.mark.cuda
 @gpu
+@pytest.mark.parametrize("c", [G.cfg(128, pf=1, xl=2), G.cfg(128, sk=4, pf=2, bm=8, xl=2),
+                               G.cfg(128, pf=3, xl=2)], ids=str)
+@pytest.mark.parametrize("M", [3, 8, 16])
+def test_xl2_gives_xl1_bits(c, M):
+    """x loaded one sub-tile ahead (XL 2) gives the bits of x loaded at use (XL 1), 1-5
+    sub-tiles per split (every remainder of the unrolled loops) and ragged N included."""
+    for N, K in ((300, 640), (4096, 1024), (256, 8192)):
+        if not G.valid(c, M, N, K, SPEC):
+            assert M > c["BLOCK_M"] or K % (128 * c["SPLIT_K"])
+            continue
+        x, t, ref = _inputs(N, K, M, torch.bfloat16, seed=N + K + M)
+        y = G.launch(x, t, SPEC, N, K, c)
+        _check(y, ref, torch.bfloat16, M, N)
+        assert torch.equal(y, G.launch(x, t, SPEC, N, K, {**c, "XL": 1}))
+
+
+@pytest.mark.cuda
+@gpu
 @pytest.mark.parametrize("c", [G.cfg(64, pf=1), G.cfg(128, pf=2), G.cfg(128, pf=2, xl=True),
                                G.cfg(64, 256)])
 def test_x_rows_at_odd_offsets(c):
@@ -119,15 +137,17 @@ def test_ragged_n_and_strided_out():
 @gpu
 @pytest.mark.parametrize("pf,st,bk,xo", [(1, 0, 128, 0), (2, 0, 128, 0), (3, 0, 128, 0),
                                          (1, 0, 128, 1), (2, 0, 128, 1), (3, 0, 128, 1),
+                                         (1, 0, 128, 2), (2, 0, 128, 2), (3, 0, 128, 2),
                                          (0, 4, 128, 0), (0, 8, 128, 0),
                                          (0, 4, 256, 0), (0, 4, 128, 1), (0, 4, 256, 1)])
 @pytest.mark.parametrize("N,K,sk", [(300, 128, 1), (300, 256, 1), (300, 384, 1), (300, 512, 1),
                                     (300, 640, 1), (4096, 1024, 4), (256, 8192, 2)])
 def test_prefetch_edges(N, K, sk, pf, st, bk, xo):
-    """PF loops (xo: XL, x loaded at use) and the cp.async ring (xo: XS, x in it too): fewer
-    sub-tiles per split than the prefetch distance or ring slots (the prefetch wraps), 1-5
-    sub-tiles (every remainder of the PF loops' unrolling by PF + 1), ragged N, bf16, fp16."""
-    c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xo), xl=bool(xo))
+    """PF loops (xo: XL, x loaded at use (1) or one step ahead (2)) and the cp.async ring (xo:
+    XS, x in it too): fewer sub-tiles per split than the prefetch distance or ring slots (the
+    prefetch wraps), 1-5 sub-tiles (every remainder of the PF loops' unrolling by PF + 1),
+    ragged N, bf16, fp16."""
+    c = G.cfg(64, bk, sk=sk, pf=pf, st=st, xs=bool(xo), xl=xo)
     assert bool(xo) == bool(c.get("XS") or c.get("XL"))
     if not G.valid(c, 7, N, K, SPEC):
         assert K % (bk * sk)                     # K not a whole number of steps

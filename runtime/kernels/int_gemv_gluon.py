@@ -126,27 +126,33 @@ if HAVE_GLUON:
             return _loads(src, k, GROUP, EVICT, FM)
 
     @gluon.jit
-    def _pf_step(acc, zero, st, src, k, DT: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _pf_step(acc, zero, st, src, k, xa, last, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                  BLOCK_M: gl.constexpr, CH: gl.constexpr, XL: gl.constexpr, FM: gl.constexpr):
-        """``acc`` plus one sub-tile (k) held in registers: ``st`` from ``_pf_load``; with XL,
-        x's words for k are loaded here."""
-        if XL:
+        """(``acc`` plus one sub-tile (k) held in registers: ``st`` from ``_pf_load``, ``xa``);
+        with XL 1, x's words for k are loaded here; with XL 2 they are ``xa``, and those of the
+        next sub-tile (clamped to ``last``) are loaded here and returned as the new ``xa``."""
+        if XL == 2:
+            w, z, s = st
+            w_base, z_base, s_base, xw_base, x_mask = src
+            xw = xa
+            xa = _xw_load(xw_base + gl.minimum(k + SUBK, last) // 2, x_mask, FM)
+        elif XL:
             w, z, s = st
             w_base, z_base, s_base, xw_base, x_mask = src
             xw = _xw_load(xw_base + k // 2, x_mask, FM)
         else:
             w, z, s, xw = st
         part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), BLOCK_N, BLOCK_M, zero, CH)
-        return acc + part * gl.expand_dims(s.to(gl.float32), 1)
+        return acc + part * gl.expand_dims(s.to(gl.float32), 1), xa
 
     @gluon.jit
-    def _pf_turn(acc, zero, st, src, k, kn, DT: gl.constexpr, GROUP: gl.constexpr,
+    def _pf_turn(acc, zero, st, src, k, kn, xa, last, DT: gl.constexpr, GROUP: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, CH: gl.constexpr,
                  EVICT: gl.constexpr, XL: gl.constexpr, FM: gl.constexpr):
-        """``acc`` plus the sub-tile k in register set ``st``, and the set reloaded with
+        """``_pf_step`` on the sub-tile k in register set ``st``, and the set reloaded with
         sub-tile ``kn``."""
-        acc = _pf_step(acc, zero, st, src, k, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
-        return acc, _pf_load(src, kn, GROUP, EVICT, XL, FM)
+        acc, xa = _pf_step(acc, zero, st, src, k, xa, last, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
+        return acc, _pf_load(src, kn, GROUP, EVICT, XL, FM), xa
 
     @gluon.jit
     def _pf_acc(acc, zero, src, k_lo, nsub, DT: gl.constexpr, GROUP: gl.constexpr,
@@ -156,16 +162,22 @@ if HAVE_GLUON:
         step, with the next PF sub-tiles' loads in flight in registers (loads past the end are
         clamped to the last sub-tile: valid, unused). PF 2 / 3: three / four register sets used
         in turn, the loop unrolled 3 / 4 times so that no set is copied into another (as a
-        rotation, the copies cost 50-70 moves a step). With XL the sets hold no x: each step
-        loads its x words (an L1/L2 hit) when it runs. FM: ``_xw_load``."""
+        rotation, the copies cost 50-70 moves a step). With XL the sets hold no x: XL 1 loads
+        each step's x words (an L1/L2 hit) when it runs, XL 2 one step ahead (one set of x
+        registers, ``xa``). FM: ``_xw_load``."""
         last = k_lo + (nsub - 1) * SUBK
+        xw_base, x_mask = src[3], src[4]
+        if XL == 2:
+            xa = _xw_load(xw_base + k_lo // 2, x_mask, FM)
+        else:
+            xa = k_lo                    # unused
         a = _pf_load(src, k_lo, GROUP, EVICT, XL, FM)
         if PF == 1:                      # (unrolled by 2 like PF 2 below, it was slower)
             for i in range(nsub):
                 st = a
                 a = _pf_load(src, gl.minimum(k_lo + (i + 1) * SUBK, last), GROUP, EVICT, XL, FM)
-                acc = _pf_step(acc, zero, st, src, k_lo + i * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL,
-                               FM)
+                acc, xa = _pf_step(acc, zero, st, src, k_lo + i * SUBK, xa, last, DT, BLOCK_N,
+                                   BLOCK_M, CH, XL, FM)
         else:
             b = _pf_load(src, gl.minimum(k_lo + SUBK, last), GROUP, EVICT, XL, FM)
             if PF == 3:
@@ -173,26 +185,29 @@ if HAVE_GLUON:
             for i in range(0, nsub - PF, PF + 1):
                 k = k_lo + i * SUBK
                 d = _pf_load(src, k + PF * SUBK, GROUP, EVICT, XL, FM)       # the set used last
-                acc, a = _pf_turn(acc, zero, a, src, k, gl.minimum(k + (PF + 1) * SUBK, last),
-                                  DT, GROUP, BLOCK_N, BLOCK_M, CH, EVICT, XL, FM)
-                acc, b = _pf_turn(acc, zero, b, src, k + SUBK,
-                                  gl.minimum(k + (PF + 2) * SUBK, last), DT, GROUP, BLOCK_N,
-                                  BLOCK_M, CH, EVICT, XL, FM)
+                acc, a, xa = _pf_turn(acc, zero, a, src, k, gl.minimum(k + (PF + 1) * SUBK, last),
+                                      xa, last, DT, GROUP, BLOCK_N, BLOCK_M, CH, EVICT, XL, FM)
+                acc, b, xa = _pf_turn(acc, zero, b, src, k + SUBK,
+                                      gl.minimum(k + (PF + 2) * SUBK, last), xa, last, DT, GROUP,
+                                      BLOCK_N, BLOCK_M, CH, EVICT, XL, FM)
                 if PF == 3:
-                    acc, c = _pf_turn(acc, zero, c, src, k + 2 * SUBK,
-                                      gl.minimum(k + 6 * SUBK, last), DT, GROUP, BLOCK_N,
-                                      BLOCK_M, CH, EVICT, XL, FM)
-                acc = _pf_step(acc, zero, d, src, k + PF * SUBK, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
+                    acc, c, xa = _pf_turn(acc, zero, c, src, k + 2 * SUBK,
+                                          gl.minimum(k + 6 * SUBK, last), xa, last, DT, GROUP,
+                                          BLOCK_N, BLOCK_M, CH, EVICT, XL, FM)
+                acc, xa = _pf_step(acc, zero, d, src, k + PF * SUBK, xa, last, DT, BLOCK_N,
+                                   BLOCK_M, CH, XL, FM)
             r = nsub % (PF + 1)          # the remainder: in a, b (, c) already
             kr = k_lo + (nsub - r) * SUBK
             if r >= 1:
-                acc = _pf_step(acc, zero, a, src, kr, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
+                acc, xa = _pf_step(acc, zero, a, src, kr, xa, last, DT, BLOCK_N, BLOCK_M, CH,
+                                   XL, FM)
             if r >= 2:
-                acc = _pf_step(acc, zero, b, src, kr + SUBK, DT, BLOCK_N, BLOCK_M, CH, XL, FM)
+                acc, xa = _pf_step(acc, zero, b, src, kr + SUBK, xa, last, DT, BLOCK_N, BLOCK_M,
+                                   CH, XL, FM)
             if PF == 3:
                 if r == 3:
-                    acc = _pf_step(acc, zero, c, src, kr + 2 * SUBK, DT, BLOCK_N, BLOCK_M, CH,
-                                   XL, FM)
+                    acc, xa = _pf_step(acc, zero, c, src, kr + 2 * SUBK, xa, last, DT, BLOCK_N,
+                                       BLOCK_M, CH, XL, FM)
         return acc
 
     @gluon.jit
@@ -263,17 +278,17 @@ def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, 
         xl=False, fm=False):
     """pf: 0 = BLOCK_K blocks with the sub-tiles unrolled; 1/2/3 = one sub-tile a step, that many
     sub-tiles' loads ahead in registers (BLOCK_K 128); xl (with pf): x not among them, loaded
-    when its sub-tile is used; fm (with pf; only for M = bm): x loaded without a mask. st > 0:
-    bk // 128 sub-tiles a step, the weights through an st-slot cp.async ring (st >= 2 bk //
-    128); xs (with st): x through a ring too, not loaded by every warp. ch 2: each sub-tile as
-    two independent mmas over its K halves. sk > 1: the K slices' partials are added by the
-    tile's last program (splitk_gluon). ev: the weights are loaded with the L2 evict-first
-    policy (they are read once). ctas (st or pf): stream-K, that many programs per SM sharing
-    the K steps evenly (int_gemv_streamk.py)."""
+    when its sub-tile is used (1) or one sub-tile ahead (2); fm (with pf; only for M = bm): x
+    loaded without a mask. st > 0: bk // 128 sub-tiles a step, the weights through an st-slot
+    cp.async ring (st >= 2 bk // 128); xs (with st): x through a ring too, not loaded by every
+    warp. ch 2: each sub-tile as two independent mmas over its K halves. sk > 1: the K slices'
+    partials are added by the tile's last program (splitk_gluon). ev: the weights are loaded
+    with the L2 evict-first policy (they are read once). ctas (st or pf): stream-K, that many
+    programs per SM sharing the K steps evenly (int_gemv_streamk.py)."""
     return {"BLOCK_N": bn, "BLOCK_K": 128 if pf else bk, "BLOCK_M": bm, "SPLIT_K": sk,
             "num_warps": nw, "PF": 0 if st else pf, "ST": st, "XS": bool(st and xs), "CH": ch,
             **({"EVICT": True} if ev else {}), **({"CTAS": ctas} if ctas else {}),
-            **({"XL": True} if xl and pf and not st else {}),
+            **({"XL": int(xl)} if xl and pf and not st else {}),
             **({"FM": True} if fm and pf and not st else {})}
 
 
@@ -309,9 +324,20 @@ EXTRA = [cfg(128, 512, st=8, xs=True), cfg(128, 512, st=8, bm=8, xs=True), cfg(6
     cfg(128, pf=2, ctas=2), cfg(128, pf=3, xl=True, ctas=2), cfg(128, pf=3, bm=8, ctas=2),
     cfg(128, pf=2, bm=8, ctas=2), cfg(64, pf=2, bm=8, ctas=3, ev=True), cfg(128, pf=3, ctas=2)] + [
     cfg(128, pf=3, bm=8, ev=True), cfg(128, pf=3, bm=8, xl=True), cfg(128, sk=2, pf=3, bm=8)] + [
-    # FM (x without a mask at M = BLOCK_M; written 2026-11-27, compiled offline, not yet run)
+    # FM (x without a mask at M = BLOCK_M): 0.97-1.06x of the masked loads (gemv_ab.py, H100)
     cfg(128, pf=3, xl=True, fm=True), cfg(128, sk=4, pf=2, fm=True), cfg(128, pf=3, bm=8, fm=True),
-    cfg(128, sk=4, pf=3, bm=8, fm=True)]
+    cfg(128, sk=4, pf=3, bm=8, fm=True)] + [
+    # XL 2 (x one sub-tile ahead, one set of x registers): 0.91-1.77x of XL 1, no new best
+    cfg(128, pf=3, xl=2), cfg(128, pf=2, xl=2), cfg(128, sk=4, pf=2, xl=2), cfg(128, pf=1, xl=2),
+    cfg(128, sk=2, pf=3, xl=2), cfg(128, pf=3, bm=8, xl=2), cfg(128, sk=4, pf=3, bm=8, xl=2),
+    cfg(128, pf=2, bm=8, xl=2), cfg(128, sk=4, pf=2, bm=8, xl=2), cfg(64, pf=3, bm=8, xl=2),
+    cfg(128, pf=3, xl=2, fm=True), cfg(128, pf=3, bm=8, xl=2, fm=True),
+    cfg(128, sk=4, pf=3, bm=8, xl=2, fm=True)] + [
+    cfg(128, pf=1, nw=2, xl=True), cfg(128, sk=4, pf=1, nw=2, xl=True)] + [  # 64 rows a warp
+    # 256 rows, 8 warps (x read once a sub-tile for 256 rows; one program an SM): no new best
+    cfg(256, pf=3, nw=8, xl=True), cfg(256, pf=3, nw=8, xl=True, ctas=1),
+    cfg(256, sk=4, pf=2, nw=8), cfg(256, sk=2, pf=3, nw=8, xl=True), cfg(256, pf=3, nw=8, bm=8),
+    cfg(256, pf=3, nw=8, bm=8, ctas=1), cfg(256, sk=4, pf=3, nw=8, bm=8)]
 
 
 def format_fits(spec, K: int) -> bool:
@@ -359,7 +385,7 @@ def launch(x, t, spec, N, K, c, out=None):
         K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"],
         SPLIT_K=sk, PF=c.get("PF", 0), ST=c.get("ST", 0), XS=bool(c.get("XS")),
         CH=c.get("CH", 1), FIXUP=cnt is not None,
-        EVICT="evict_first" if c.get("EVICT") else "", XL=bool(c.get("XL")),
+        EVICT="evict_first" if c.get("EVICT") else "", XL=int(c.get("XL", 0)),
         FM=bool(c.get("FM")), num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order

@@ -124,5 +124,5 @@ def launch(x, t, spec, N, K, c, out=None):
         M, N, K, K // g, x.stride(0), out.stride(0), K // 8, T, S, P, GROUP=g,
         BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], ST=c["ST"],
         XS=bool(c.get("XS")), EVICT="evict_first" if c.get("EVICT") else "", PF=c.get("PF", 0),
-        XL=bool(c.get("XL")), num_warps=c["num_warps"])
+        XL=int(c.get("XL", 0)), num_warps=c["num_warps"])
     return out
