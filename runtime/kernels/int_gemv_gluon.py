@@ -131,15 +131,14 @@ if HAVE_GLUON:
         """(``acc`` plus one sub-tile (k) held in registers: ``st`` from ``_pf_load``, ``xa``);
         with XL 1, x's words for k are loaded here; with XL 2 they are ``xa``, and those of the
         next sub-tile (clamped to ``last``) are loaded here and returned as the new ``xa``."""
-        if XL == 2:
+        if XL:
             w, z, s = st
             w_base, z_base, s_base, xw_base, x_mask = src
-            xw = xa
-            xa = _xw_load(xw_base + gl.minimum(k + SUBK, last) // 2, x_mask, FM)
-        elif XL:
-            w, z, s = st
-            w_base, z_base, s_base, xw_base, x_mask = src
-            xw = _xw_load(xw_base + k // 2, x_mask, FM)
+            if XL == 2:
+                xw = xa
+                xa = _xw_load(xw_base + gl.minimum(k + SUBK, last) // 2, x_mask, FM)
+            else:
+                xw = _xw_load(xw_base + k // 2, x_mask, FM)
         else:
             w, z, s, xw = st
         part = _sub_dot(w, z, _x_unpack(xw, DT, BLOCK_M), BLOCK_N, BLOCK_M, zero, CH)
@@ -166,9 +165,8 @@ if HAVE_GLUON:
         each step's x words (an L1/L2 hit) when it runs, XL 2 one step ahead (one set of x
         registers, ``xa``). FM: ``_xw_load``."""
         last = k_lo + (nsub - 1) * SUBK
-        xw_base, x_mask = src[3], src[4]
         if XL == 2:
-            xa = _xw_load(xw_base + k_lo // 2, x_mask, FM)
+            xa = _xw_load(src[3] + k_lo // 2, src[4], FM)
         else:
             xa = k_lo                    # unused
         a = _pf_load(src, k_lo, GROUP, EVICT, XL, FM)
