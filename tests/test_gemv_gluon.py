@@ -71,6 +71,14 @@ def test_fm_only_where_every_row_is_one_of_x():
     assert not ok(G.cfg(128, pf=2, fm=True, ctas=2), 16)
 
 
+def _check_same_bits(c, other, M, N, K, dtype, seed):
+    """Config ``c`` is right on fresh inputs and gives exactly config ``other``'s bits."""
+    x, t, ref = _inputs(N, K, M, dtype, seed=seed)
+    y = G.launch(x, t, SPEC, N, K, c)
+    _check(y, ref, dtype, M, N)
+    assert torch.equal(y, G.launch(x, t, SPEC, N, K, other))
+
+
 @pytest.mark.cuda
 @gpu
 @pytest.mark.parametrize("c", [c for c in G.EXTRA if c.get("FM")], ids=str)
@@ -81,13 +89,10 @@ def test_fm_gives_the_masked_loads_bits(c, N, K):
     M = c["BLOCK_M"]
     plain = {k: v for k, v in c.items() if k != "FM"}
     for dtype in (torch.bfloat16, torch.float16):
-        x, t, ref = _inputs(N, K, M, dtype, seed=N + K)
         if not G.valid(c, M, N, K, SPEC):
             assert K % (128 * c["SPLIT_K"])
             continue
-        y = G.launch(x, t, SPEC, N, K, c)
-        _check(y, ref, dtype, M, N)
-        assert torch.equal(y, G.launch(x, t, SPEC, N, K, plain))
+        _check_same_bits(c, plain, M, N, K, dtype, seed=N + K)
 
 
 @pytest.mark.cuda
@@ -102,10 +107,7 @@ def test_xl2_gives_xl1_bits(c, M):
         if not G.valid(c, M, N, K, SPEC):
             assert M > c["BLOCK_M"] or K % (128 * c["SPLIT_K"])
             continue
-        x, t, ref = _inputs(N, K, M, torch.bfloat16, seed=N + K + M)
-        y = G.launch(x, t, SPEC, N, K, c)
-        _check(y, ref, torch.bfloat16, M, N)
-        assert torch.equal(y, G.launch(x, t, SPEC, N, K, {**c, "XL": 1}))
+        _check_same_bits(c, {**c, "XL": 1}, M, N, K, torch.bfloat16, seed=N + K + M)
 
 
 @pytest.mark.cuda

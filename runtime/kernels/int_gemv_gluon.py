@@ -128,9 +128,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _pf_step(acc, zero, st, src, k, xa, last, DT: gl.constexpr, BLOCK_N: gl.constexpr,
                  BLOCK_M: gl.constexpr, CH: gl.constexpr, XL: gl.constexpr, FM: gl.constexpr):
-        """(``acc`` plus one sub-tile (k) held in registers: ``st`` from ``_pf_load``, ``xa``);
-        with XL 1, x's words for k are loaded here; with XL 2 they are ``xa``, and those of the
-        next sub-tile (clamped to ``last``) are loaded here and returned as the new ``xa``."""
+        """``acc`` plus one sub-tile (k) held in registers (``st`` from ``_pf_load``), and
+        ``xa``. x's words for k: in ``st`` (XL 0), loaded here (XL 1), or ``xa`` (XL 2), which
+        is then replaced by the next sub-tile's words (clamped to ``last``), loaded here."""
         if XL:
             w, z, s = st
             w_base, z_base, s_base, xw_base, x_mask = src
