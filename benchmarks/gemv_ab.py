@@ -7,8 +7,11 @@ measured against its own baseline in the same run.
     python3 benchmarks/gemv_ab.py --old /tmp/old_gemv_gluon.py [--shapes 28672x8192,8192x28672]
         [--m 4,8,16] [--configs 3,5,7] [--out F.json]
     python3 benchmarks/gemv_ab.py --vary XS=False --configs 49,50     # one flag, same file
+    python3 benchmarks/gemv_ab.py --wgmma --vary ZP=0 --configs 8,9     # the wgmma kernel's
 
-``--configs``: indices into this file's ``CONFIGS + EXTRA``; a config the other file's list
+``--configs``: indices into this file's ``CONFIGS + EXTRA`` (``--wgmma``: into
+``int_gemm_gluon``'s ``DECODE + DECODE_X``, the wgmma kernel as a GEMV, with the time of its
+per-call copy of x into its K order printed alone too); a config the other file's list
 does not hold at the same index is timed in this version only. ``--vary KEY=VALUE,...``: the
 "old" side runs each config with those keys changed (``--old`` defaults to this file), so
 one config flag is measured against its own baseline. GB/s are of the packed
@@ -31,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import bench, copies_for, hbm_bandwidth  # noqa: E402
-from runtime.kernels import int_gemv_gluon as NEW  # noqa: E402
+from runtime.kernels import int_gemm_gluon as WG  # noqa: E402
+from runtime.kernels import int_gemv_gluon as GV  # noqa: E402
 from runtime.kernels.common import packed_bytes  # noqa: E402
 from runtime.quant import intq  # noqa: E402
 from runtime.quant.spec import QuantSpec  # noqa: E402
@@ -46,13 +50,19 @@ def load_old(path: str):
     return mod
 
 
+def configs(mod) -> list[dict]:
+    """The indexable config list of the GEMV module or (``WG``) of the wgmma kernel's decode."""
+    return mod.DECODE + mod.DECODE_X if mod is WG else mod.CONFIGS + mod.EXTRA
+
+
 def main(args) -> int:
+    NEW = WG if args.wgmma else GV
     old = load_old(args.old) if args.old else NEW
     vary = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.vary.split(","))} \
         if args.vary else {}
     hbm = hbm_bandwidth()
     print(f"{torch.cuda.get_device_name()}: HBM copy {hbm:.0f} GB/s", flush=True)
-    new_cfgs, old_cfgs = NEW.CONFIGS + NEW.EXTRA, old.CONFIGS + old.EXTRA
+    new_cfgs, old_cfgs = configs(NEW), configs(old)
     idx = [int(i) for i in args.configs.split(",")] if args.configs else range(len(new_cfgs))
     rows = []
     for shape in args.shapes.split(","):
@@ -65,9 +75,12 @@ def main(args) -> int:
             x = torch.randn(M, K, device="cuda").bfloat16()
             ref = x.float() @ ref_w.T
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            if args.wgmma:
+                us = bench(lambda: [WG.permute_x(x) for t in ts]) / len(ts) * 1e3
+                print(f"{N}x{K} M{M}: x into the wgmma K order alone {us:.1f} us", flush=True)
             for i in idx:
                 c = new_cfgs[i]
-                if not NEW.valid(c, M, N, K, SPEC):
+                if not NEW.valid(c, M, N, K, SPEC) or (args.wgmma and c["BLOCK_M"] < M):
                     continue
                 oc = {**c, **vary}
                 both = (old.valid(oc, M, N, K, SPEC) if vary else
@@ -114,5 +127,7 @@ if __name__ == "__main__":
     ap.add_argument("--shapes", default="28672x8192,8192x28672")
     ap.add_argument("--m", default="4,8,16")
     ap.add_argument("--configs", help="comma-separated indices into CONFIGS + EXTRA (default: all)")
+    ap.add_argument("--wgmma", action="store_true",
+                    help="time int_gemm_gluon's decode configs (DECODE + DECODE_X) instead")
     ap.add_argument("--out")
     sys.exit(main(ap.parse_args()))

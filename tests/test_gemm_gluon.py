@@ -161,6 +161,27 @@ def test_decode_configs(c, M):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+@pytest.mark.parametrize("c", W.DECODE_X, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("K", [1024, 4096])
+def test_decode_x_configs(c, K):
+    """The tried configs: right against the reference, ZP's carried zeros/scales included where
+    a split holds fewer sub-tiles than ZP (K 1024 at split 4: 2 sub-tiles), and where the
+    zeros/scales of neighbouring sub-tiles differ (each group's scale set apart)."""
+    N, M = 1000, min(13, c["BLOCK_M"])
+    g = torch.Generator(device="cuda").manual_seed(K)
+    w = torch.randn(N, K, device="cuda", generator=g) * 0.05
+    w *= torch.rand(1, K // 128, device="cuda", generator=g).repeat_interleave(128, 1) + 0.1
+    t = intq.quantize(w, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    y = W.launch(x, t, SPEC, N, K, c)
+    assert y.shape == (M, N) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    if c.get("ZP"):                                    # the same bits as loaded at use
+        assert torch.equal(y, W.launch(x, t, SPEC, N, K, {**c, "ZP": 0}))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
 def test_int_gemv_tunes_with_the_decode_configs(tmp_path, monkeypatch):
     from runtime.kernels import int_gemv as V
     monkeypatch.setenv("EXA_GEMV_WGMMA", "1")

@@ -72,6 +72,8 @@ def v3_relabel(t):
 
 
 if HAVE_GLUON:
+    from runtime.kernels.gluon_gemv_parts import _pair
+
     @gluon.jit
     def _pair_s(w, SH: gl.constexpr, Z2, S2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
         v = V._align(w, SH, P)
@@ -84,15 +86,24 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _a_tile(w, z, s, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr, ONE: gl.constexpr,
-                BLOCK_N: gl.constexpr, LA: gl.constexpr):
-        """Words ``[BN, 16]`` -> the scaled weights ``[BN, 128]`` as wgmma's register A operand."""
-        Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)
-        s16 = (s.to(gl.float32) * 16.0).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        S2 = gl.expand_dims(s16 | (s16 << 16), 1)
-        l0, h0 = _pair_s(w, 0, Z2, S2, P, DT, ASM)
-        l1, h1 = _pair_s(w, 4, Z2, S2, P, DT, ASM)
-        l2, h2 = _pair_s(w, 8, Z2, S2, P, DT, ASM)
-        l3, h3 = _pair_s(w, 12, Z2, S2, P, DT, ASM)
+                BLOCK_N: gl.constexpr, LA: gl.constexpr, FS: gl.constexpr = False):
+        """Words ``[BN, 16]`` -> the scaled weights ``[BN, 128]`` as wgmma's register A operand
+        (FS: ``q - z`` unscaled, codes at bit 0 under the exponent of 128 / 1024, as the GEMV
+        builds them; ``s`` unused)."""
+        if FS:
+            Z2 = gl.expand_dims(((0x4300 if DT == gl.bfloat16 else 0x6400) + z) * 0x10001, 1)
+            l0, h0 = _pair(w, 0, Z2, 0, DT, ASM)
+            l1, h1 = _pair(w, 4, Z2, 0, DT, ASM)
+            l2, h2 = _pair(w, 8, Z2, 0, DT, ASM)
+            l3, h3 = _pair(w, 12, Z2, 0, DT, ASM)
+        else:
+            Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)
+            s16 = (s.to(gl.float32) * 16.0).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            S2 = gl.expand_dims(s16 | (s16 << 16), 1)
+            l0, h0 = _pair_s(w, 0, Z2, S2, P, DT, ASM)
+            l1, h1 = _pair_s(w, 4, Z2, S2, P, DT, ASM)
+            l2, h2 = _pair_s(w, 8, Z2, S2, P, DT, ASM)
+            l3, h3 = _pair_s(w, 12, Z2, S2, P, DT, ASM)
         t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
                     gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
         t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))       # v2 order
@@ -101,16 +112,52 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK_C]), LA)          # registers renamed
 
     @gluon.jit
+    def _zs(z_ptr, s_ptr, zs_off, s_off, k0, i, GROUP: gl.constexpr):
+        """The zeros (int32) and scales of sub-tile ``i`` of the program's slice."""
+        gi = (k0 + i * SUBK_C) // GROUP
+        return gl.load(z_ptr + zs_off + gi).to(gl.int32), gl.load(s_ptr + s_off + gi)
+
+    @gluon.jit
+    def _ov_acc(acc, wring, xring, w_base, x_base, z_ptr, s_ptr, zs_off, s_off, k0, nsub,
+                GROUP: gl.constexpr, ST: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
+                BLOCK_N: gl.constexpr, LW: gl.constexpr, LA: gl.constexpr):
+        """OV (with FS): sub-tile i + 1's A operand is built while sub-tile i's wgmma runs,
+        then the wait; the caller issued the first ST - 1 copies of the ring."""
+        D: gl.constexpr = ST - 1
+        z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 0, GROUP)
+        zn, sn = _zs(z_ptr, s_ptr, zs_off, s_off, k0, gl.minimum(1, nsub - 1), GROUP)
+        cp.wait_group(D - 1)                           # sub-tile 0 has landed
+        a = _a_tile(wring.index(0).load(LW), z, s, 0, DT, ASM, 0, BLOCK_N, LA, True)
+        for i in range(nsub):
+            kc = gl.minimum(i + D, nsub - 1) * SUBK_C  # past the end: the last again, unused
+            cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
+            cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
+            cp.commit_group()
+            fence_async_shared()
+            part = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, use_acc=False,
+                                 is_async=True)
+            z2, s2 = _zs(z_ptr, s_ptr, zs_off, s_off, k0, gl.minimum(i + 2, nsub - 1), GROUP)
+            cp.wait_group(D - 1)                       # sub-tile i + 1 has landed
+            a = _a_tile(wring.index((i + 1) % ST).load(LW), zn, sn, 0, DT, ASM, 0, BLOCK_N, LA,
+                        True)                          # (past the end: unused)
+            part = warpgroup_mma_wait(0, deps=[part])
+            acc += part * gl.expand_dims(s.to(gl.float32), 1)
+            s = sn
+            zn, sn = z2, s2
+        return acc
+
+    @gluon.jit
     def _int4_gemm_wgmma(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, fin_ptr, cnt_ptr, M, N, K, G,
                          stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ST: gl.constexpr,
-                         SPLIT_K: gl.constexpr, FIXUP: gl.constexpr):
+                         SPLIT_K: gl.constexpr, FIXUP: gl.constexpr, ZP: gl.constexpr,
+                         FS: gl.constexpr, OV: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
         P: gl.constexpr = 3 if BF16 else 6
         ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
-        ASM: gl.constexpr = V._asm(BF16, True)
+        ASM: gl.constexpr = V._asm(BF16, not FS, FS)
         LW: gl.constexpr = V._word_layout(BLOCK_N, NW)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
@@ -129,6 +176,10 @@ if HAVE_GLUON:
         w_base = (qw_ptr + k0 // 8 + gl.expand_dims(rows_w * stride_qw, 1)
                   + gl.expand_dims(offs_p, 0))
         zs_off = rows_w * G
+        if FS:                                         # scales: one per row of the result
+            s_off = ((pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))) % N) * G
+        else:
+            s_off = zs_off
         xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LXC))
         xk = gl.arange(0, SUBK_C, layout=gl.SliceLayout(0, LXC))
         x_base = x_ptr + k0 + gl.expand_dims((xm % M) * stride_xm, 1) + gl.expand_dims(xk, 0)
@@ -142,19 +193,42 @@ if HAVE_GLUON:
             cp.async_copy_global_to_shared(xring.index(j), x_base + kj)
             cp.commit_group()
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        if OV:
+            acc = _ov_acc(acc, wring, xring, w_base, x_base, z_ptr, s_ptr, zs_off, s_off, k0, nsub,
+                          GROUP, ST, DT, ASM, BLOCK_N, LW, LA)
+            nsub = 0                                   # (the loop below: nothing left)
+        if ZP > 0:                                     # sub-tiles 0 .. ZP - 1, carried
+            z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 0, GROUP)
+        if ZP > 1:
+            z1, s1 = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 1 % nsub, GROUP)
         for i in range(nsub):
-            kc = ((i + D) % nsub) * SUBK_C                  # wraps at the end: unused
+            if FS:                                     # past the end: the last again, unused
+                kc = gl.minimum(i + D, nsub - 1) * SUBK_C
+            else:
+                kc = ((i + D) % nsub) * SUBK_C              # wraps at the end: unused
             cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
             cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
             cp.commit_group()
-            gi = (k0 + i * SUBK_C) // GROUP
-            z = gl.load(z_ptr + zs_off + gi).to(gl.int32)
-            s = gl.load(s_ptr + zs_off + gi)
+            if ZP == 0:                                # loaded at use: one latency a sub-tile
+                z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, i, GROUP)
+            else:                                      # ZP sub-tiles ahead (wraps: unused)
+                zn, sn = _zs(z_ptr, s_ptr, zs_off, s_off, k0,
+                             gl.minimum(i + ZP, nsub - 1) if FS else (i + ZP) % nsub, GROUP)
             cp.wait_group(D)
-            a = _a_tile(wring.index(i % ST).load(LW), z, s, P, DT, ASM, ONE, BLOCK_N, LA)
+            a = _a_tile(wring.index(i % ST).load(LW), z, s, P, DT, ASM, ONE, BLOCK_N, LA, FS)
             fence_async_shared()
-            acc = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=[acc])
+            if FS:                                     # this sub-tile alone, scaled in float32
+                part = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, use_acc=False,
+                                     is_async=True)
+                part = warpgroup_mma_wait(0, deps=[part])
+                acc += part * gl.expand_dims(s.to(gl.float32), 1)
+            else:
+                acc = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+            if ZP == 1:
+                z, s = zn, sn
+            elif ZP == 2:
+                z, s, z1, s1 = z1, s1, zn, sn
         cp.wait_group(0)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
@@ -168,8 +242,13 @@ if HAVE_GLUON:
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def cfg(bn=64, bm=128, st=3, nw=4, sk=1):
-    return {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "SPLIT_K": sk, "num_warps": nw}
+def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False, ov=False):
+    """A config; ``zp``: the zeros and scales loaded that many sub-tiles ahead (0: at use);
+    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``);
+    ``ov`` (with ``fs``): the next A operand built while the wgmma runs (``_ov_acc``)."""
+    c = {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "SPLIT_K": sk, "num_warps": nw}
+    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {}),
+            **({"OV": True} if ov else {})}
 
 
 # One warpgroup (4 warps) per 64 rows of W. Each CTA reads all of its x rows from L2 for only
@@ -193,6 +272,27 @@ TUNED = [cfg(64, 64, st=4), cfg(64, 256, st=2), cfg(128, 256, st=2, nw=8),
 DECODE = [cfg(64, 8, st=4), cfg(64, 8, st=8), cfg(64, 16, st=4), cfg(64, 16, st=8),
           cfg(128, 16, st=4, nw=8), cfg(128, 16, st=8, nw=8), cfg(64, 16, st=4, sk=2),
           cfg(64, 8, st=6, sk=2)]
+# Tried, not offered (first timed 2026-11-27): the zeros and scales loaded 1 or 2 sub-tiles
+# ahead (ZP), and more rows, splits and ring slots per program (gemv_ab.py --wgmma).
+DECODE_X = ([{**c, "ZP": zp} for zp in (1, 2) for c in DECODE]
+            + [cfg(64, bm, st=st, sk=sk, zp=1) for bm in (8, 16) for st, sk in ((6, 1), (4, 4), (8, 2))]
+            + [cfg(128, 16, st=st, nw=8, sk=sk, zp=1) for st, sk in ((4, 2), (4, 4), (6, 1))]
+            + [cfg(bn, bm, st=st, nw=nw, sk=sk, zp=1, fs=True)
+               for bn, bm, st, nw, sk in ((64, 16, 4, 4, 1), (64, 16, 8, 4, 1), (128, 16, 4, 8, 1),
+                                          (128, 16, 6, 8, 1), (64, 16, 4, 4, 2), (128, 16, 4, 8, 2),
+                                          (128, 16, 4, 4, 1), (128, 16, 6, 4, 1), (128, 16, 4, 4, 2),
+                                          (64, 8, 4, 4, 1), (64, 8, 8, 4, 1), (64, 8, 4, 4, 2),
+                                          (128, 8, 4, 4, 1), (128, 8, 4, 4, 2), (256, 16, 4, 8, 1),
+                                          (256, 16, 4, 8, 2), (128, 16, 8, 4, 1))]
+            + [cfg(bn, bm, st=st, nw=nw, sk=sk, zp=1, fs=True, ov=ov)
+               for ov in (False, True)
+               for bn, bm, st, nw, sk in ((64, 16, 2, 4, 1), (64, 16, 3, 4, 1), (128, 16, 2, 4, 1),
+                                          (128, 16, 3, 4, 1), (128, 16, 2, 8, 1), (128, 16, 3, 8, 1),
+                                          (64, 16, 2, 4, 2), (64, 16, 3, 4, 2), (64, 16, 3, 4, 4),
+                                          (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))]
+            + [cfg(bn, bm, st=4, nw=nw, sk=sk, zp=1, fs=True, ov=True)
+               for bn, bm, nw, sk in ((64, 16, 4, 1), (128, 16, 8, 1), (64, 16, 4, 2),
+                                      (128, 16, 4, 1), (64, 8, 4, 1), (64, 8, 4, 2))])
 
 
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
@@ -231,7 +331,8 @@ def launch(x, t, spec, N, K, c, out=None):
         xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst, out,
         dst if cnt is None else cnt, M, N, K, K // g, xp.stride(0), dst.stride(-2), out.stride(0),
         K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"], SPLIT_K=sk,
-        FIXUP=cnt is not None, num_warps=c["num_warps"])
+        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False), OV=c.get("OV", False),
+        num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order
     return out
