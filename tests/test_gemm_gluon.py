@@ -137,9 +137,9 @@ def test_split_k_fixup(sk, monkeypatch):
 def test_int_gemv_offers_the_decode_configs_only_where_asked():
     from runtime.kernels import int_gemv as V
     wg = lambda cs: [c for c in cs if c.get("WGMMA")]   # noqa: E731
-    assert len(wg(V.candidates(8, 4, wgmma=True))) == len(W.DECODE)
-    assert not wg(V.candidates(8, 4)) and not wg(V.candidates(1, 4, wgmma=True))
-    assert not wg(V.candidates(8, 8, wgmma=True))
+    assert len(wg(V.candidates(16, 4, wgmma=True))) == len(W.DECODE)
+    assert not wg(V.candidates(16, 4)) and not wg(V.candidates(8, 4, wgmma=True))
+    assert not wg(V.candidates(16, 8, wgmma=True))
     assert all(W.valid(c, 16, 4096, 4096, SPEC) for c in W.DECODE)
     assert not W.valid(W.cfg(128, 8, nw=8), 8, 4096, 4096, SPEC)   # 8 rows of x, 8 warps
     assert not V.wgmma_on(torch.zeros(2, 2, dtype=torch.bfloat16))
@@ -185,5 +185,5 @@ def test_decode_x_configs(c, K):
 def test_int_gemv_tunes_with_the_decode_configs(tmp_path, monkeypatch):
     from runtime.kernels import int_gemv as V
     monkeypatch.setenv("EXA_GEMV_WGMMA", "1")
-    timed = _tuned(V, V.int_gemv, 8, tmp_path, monkeypatch)
+    timed = _tuned(V, V.int_gemv, 16, tmp_path, monkeypatch)
     assert sum(1 for c, _ in timed if c.get("WGMMA")) == len(W.DECODE)

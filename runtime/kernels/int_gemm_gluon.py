@@ -118,40 +118,11 @@ if HAVE_GLUON:
         return gl.load(z_ptr + zs_off + gi).to(gl.int32), gl.load(s_ptr + s_off + gi)
 
     @gluon.jit
-    def _ov_acc(acc, wring, xring, w_base, x_base, z_ptr, s_ptr, zs_off, s_off, k0, nsub,
-                GROUP: gl.constexpr, ST: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr,
-                BLOCK_N: gl.constexpr, LW: gl.constexpr, LA: gl.constexpr):
-        """OV (with FS): sub-tile i + 1's A operand is built while sub-tile i's wgmma runs,
-        then the wait; the caller issued the first ST - 1 copies of the ring."""
-        D: gl.constexpr = ST - 1
-        z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 0, GROUP)
-        zn, sn = _zs(z_ptr, s_ptr, zs_off, s_off, k0, gl.minimum(1, nsub - 1), GROUP)
-        cp.wait_group(D - 1)                           # sub-tile 0 has landed
-        a = _a_tile(wring.index(0).load(LW), z, s, 0, DT, ASM, 0, BLOCK_N, LA, True)
-        for i in range(nsub):
-            kc = gl.minimum(i + D, nsub - 1) * SUBK_C  # past the end: the last again, unused
-            cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
-            cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
-            cp.commit_group()
-            fence_async_shared()
-            part = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, use_acc=False,
-                                 is_async=True)
-            z2, s2 = _zs(z_ptr, s_ptr, zs_off, s_off, k0, gl.minimum(i + 2, nsub - 1), GROUP)
-            cp.wait_group(D - 1)                       # sub-tile i + 1 has landed
-            a = _a_tile(wring.index((i + 1) % ST).load(LW), zn, sn, 0, DT, ASM, 0, BLOCK_N, LA,
-                        True)                          # (past the end: unused)
-            part = warpgroup_mma_wait(0, deps=[part])
-            acc += part * gl.expand_dims(s.to(gl.float32), 1)
-            s = sn
-            zn, sn = z2, s2
-        return acc
-
-    @gluon.jit
     def _int4_gemm_wgmma(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, fin_ptr, cnt_ptr, M, N, K, G,
                          stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ST: gl.constexpr,
                          SPLIT_K: gl.constexpr, FIXUP: gl.constexpr, ZP: gl.constexpr,
-                         FS: gl.constexpr, OV: gl.constexpr):
+                         FS: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -177,7 +148,8 @@ if HAVE_GLUON:
                   + gl.expand_dims(offs_p, 0))
         zs_off = rows_w * G
         if FS:                                         # scales: one per row of the result
-            s_off = ((pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))) % N) * G
+            rows_s = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+            s_off = (rows_s % N) * G
         else:
             s_off = zs_off
         xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LXC))
@@ -193,10 +165,6 @@ if HAVE_GLUON:
             cp.async_copy_global_to_shared(xring.index(j), x_base + kj)
             cp.commit_group()
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        if OV:
-            acc = _ov_acc(acc, wring, xring, w_base, x_base, z_ptr, s_ptr, zs_off, s_off, k0, nsub,
-                          GROUP, ST, DT, ASM, BLOCK_N, LW, LA)
-            nsub = 0                                   # (the loop below: nothing left)
         if ZP > 0:                                     # sub-tiles 0 .. ZP - 1, carried
             z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 0, GROUP)
         if ZP > 1:
@@ -242,13 +210,11 @@ if HAVE_GLUON:
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False, ov=False):
+def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False):
     """A config; ``zp``: the zeros and scales loaded that many sub-tiles ahead (0: at use);
-    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``);
-    ``ov`` (with ``fs``): the next A operand built while the wgmma runs (``_ov_acc``)."""
+    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``)."""
     c = {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "SPLIT_K": sk, "num_warps": nw}
-    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {}),
-            **({"OV": True} if ov else {})}
+    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {})}
 
 
 # One warpgroup (4 warps) per 64 rows of W. Each CTA reads all of its x rows from L2 for only
@@ -268,31 +234,29 @@ TUNED = [cfg(64, 64, st=4), cfg(64, 256, st=2), cfg(128, 256, st=2, nw=8),
          cfg(128, 256, st=2, nw=8, sk=2), cfg(128, 256, st=2, nw=8, sk=4), cfg(64, 128, sk=2)]
 
 
-# Decode (M <= 16: wgmma with N = 8 or 16), tried as int_gemv candidates.
-DECODE = [cfg(64, 8, st=4), cfg(64, 8, st=8), cfg(64, 16, st=4), cfg(64, 16, st=8),
-          cfg(128, 16, st=4, nw=8), cfg(128, 16, st=8, nw=8), cfg(64, 16, st=4, sk=2),
-          cfg(64, 8, st=6, sk=2)]
-# Tried, not offered (first timed 2026-11-27): the zeros and scales loaded 1 or 2 sub-tiles
-# ahead (ZP), and more rows, splits and ring slots per program (gemv_ab.py --wgmma).
-DECODE_X = ([{**c, "ZP": zp} for zp in (1, 2) for c in DECODE]
-            + [cfg(64, bm, st=st, sk=sk, zp=1) for bm in (8, 16) for st, sk in ((6, 1), (4, 4), (8, 2))]
+# Decode (M = 9-16: wgmma with N = 16), int_gemv candidates on sm_90 with EXA_GEMV_WGMMA=1
+# (``int_gemv.wgmma_on``): one warpgroup per 64 rows, the zeros/scales one sub-tile ahead,
+# float32 scales, and few ring slots (more programs an SM): the fastest of DECODE_X at M = 16 on
+# an H100 (benchmarks/results/gemv-ab-wgmma-{fs,ov}-h100-2026-11-27.txt).
+DECODE = [cfg(64, 16, st=st, sk=sk, zp=1, fs=True)
+          for st, sk in ((2, 1), (3, 1), (4, 2), (3, 2), (3, 4))]
+# Tried (2026-11-27, gemv_ab.py --wgmma): the first decode list (zeros/scales loaded at use,
+# scales applied in bf16), its ZP 1 / 2 variants, and other rows, splits and ring slots.
+DECODE_OLD = [cfg(64, 8, st=4), cfg(64, 8, st=8), cfg(64, 16, st=4), cfg(64, 16, st=8),
+              cfg(128, 16, st=4, nw=8), cfg(128, 16, st=8, nw=8), cfg(64, 16, st=4, sk=2),
+              cfg(64, 8, st=6, sk=2)]
+DECODE_X = (DECODE_OLD + [{**c, "ZP": zp} for zp in (1, 2) for c in DECODE_OLD]
+            + [cfg(64, bm, st=st, sk=sk, zp=1)
+               for bm in (8, 16) for st, sk in ((6, 1), (4, 4), (8, 2))]
             + [cfg(128, 16, st=st, nw=8, sk=sk, zp=1) for st, sk in ((4, 2), (4, 4), (6, 1))]
             + [cfg(bn, bm, st=st, nw=nw, sk=sk, zp=1, fs=True)
-               for bn, bm, st, nw, sk in ((64, 16, 4, 4, 1), (64, 16, 8, 4, 1), (128, 16, 4, 8, 1),
-                                          (128, 16, 6, 8, 1), (64, 16, 4, 4, 2), (128, 16, 4, 8, 2),
-                                          (128, 16, 4, 4, 1), (128, 16, 6, 4, 1), (128, 16, 4, 4, 2),
-                                          (64, 8, 4, 4, 1), (64, 8, 8, 4, 1), (64, 8, 4, 4, 2),
-                                          (128, 8, 4, 4, 1), (128, 8, 4, 4, 2), (256, 16, 4, 8, 1),
-                                          (256, 16, 4, 8, 2), (128, 16, 8, 4, 1))]
-            + [cfg(bn, bm, st=st, nw=nw, sk=sk, zp=1, fs=True, ov=ov)
-               for ov in (False, True)
-               for bn, bm, st, nw, sk in ((64, 16, 2, 4, 1), (64, 16, 3, 4, 1), (128, 16, 2, 4, 1),
-                                          (128, 16, 3, 4, 1), (128, 16, 2, 8, 1), (128, 16, 3, 8, 1),
-                                          (64, 16, 2, 4, 2), (64, 16, 3, 4, 2), (64, 16, 3, 4, 4),
-                                          (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))]
-            + [cfg(bn, bm, st=4, nw=nw, sk=sk, zp=1, fs=True, ov=True)
-               for bn, bm, nw, sk in ((64, 16, 4, 1), (128, 16, 8, 1), (64, 16, 4, 2),
-                                      (128, 16, 4, 1), (64, 8, 4, 1), (64, 8, 4, 2))])
+               for bn, bm, st, nw, sk in (
+                   (64, 16, 4, 4, 1), (64, 16, 8, 4, 1), (128, 16, 4, 8, 1), (128, 16, 6, 8, 1),
+                   (128, 16, 4, 8, 2), (128, 16, 4, 4, 1), (128, 16, 6, 4, 1), (128, 16, 4, 4, 2),
+                   (64, 8, 4, 4, 1), (64, 8, 8, 4, 1), (64, 8, 4, 4, 2), (128, 8, 4, 4, 1),
+                   (128, 8, 4, 4, 2), (256, 16, 4, 8, 1), (256, 16, 4, 8, 2), (128, 16, 8, 4, 1),
+                   (128, 16, 2, 4, 1), (128, 16, 3, 4, 1), (128, 16, 2, 8, 1), (128, 16, 3, 8, 1),
+                   (64, 16, 2, 4, 2), (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))])
 
 
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
@@ -331,7 +295,7 @@ def launch(x, t, spec, N, K, c, out=None):
         xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst, out,
         dst if cnt is None else cnt, M, N, K, K // g, xp.stride(0), dst.stride(-2), out.stride(0),
         K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"], SPLIT_K=sk,
-        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False), OV=c.get("OV", False),
+        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False),
         num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order

@@ -68,7 +68,7 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
 def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key; ``dtype``, the
     activations', sizes the CUDA-core ones; ``wgmma`` (``wgmma_on``): int_gemm_gluon's DECODE
-    configs too, for M >= 2)."""
+    configs too, for M > 8)."""
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
@@ -76,7 +76,7 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False) -> 
         + (planes_candidates(bits) if M >= 2 and planes_on() else []) \
         + ([{**c, "GLUON": True} for c in _gluon().CONFIGS]
            if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else []) \
-        + ([{**c, "WGMMA": True} for c in _wgmma().DECODE] if wgmma and bits == 4 and M >= 2 else [])
+        + ([{**c, "WGMMA": True} for c in _wgmma().DECODE] if wgmma and bits == 4 and M > 8 else [])
 
 
 def _gluon():
@@ -93,7 +93,8 @@ def _wgmma():
 
 def wgmma_on(x: torch.Tensor) -> bool:
     """Whether the tuner is offered the wgmma kernel's decode configs for x: sm_90, bf16/fp16,
-    and ``EXA_GEMV_WGMMA=1`` (off by default)."""
+    and ``EXA_GEMV_WGMMA=1`` (off by default: benchmarks/RESULTS.md, "wgmma as a decode GEMV
+    at M = 16")."""
     from runtime.kernels.int_gemm import gluon_on as on
     return on(x, "EXA_GEMV_WGMMA", "0")
 
