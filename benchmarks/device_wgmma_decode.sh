@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The wgmma decode configs (int_gemm_gluon.DECODE, offered at M = 9-16 on sm_90) on an H100:
-# their CUDA tests, then benchmarks/kernels.py at M = 16 on the Llama shapes with them off
-# (EXA_GEMV_WGMMA=0) and on (the default), fresh tuning caches, same call; into OUTDIR.
+# The wgmma decode configs (int_gemm_gluon.DECODE, offered at M = 9-16 on sm_90 with
+# EXA_GEMV_WGMMA=1) on an H100: their CUDA tests, then benchmarks/kernels.py at M = 16 on the
+# Llama shapes without them (EXA_GEMV_WGMMA=0, the default) and with them, fresh tuning caches,
+# same call; into OUTDIR.
 #   bash benchmarks/device_wgmma_decode.sh OUTDIR          (carry .whl)
 set -u
 OUT=${1:?usage: device_wgmma_decode.sh OUTDIR}

@@ -6,7 +6,7 @@
 #   bash benchmarks/device_wgmma_x.sh OUTDIR [KEY OFF [TESTS]]  (default ZP 0; TESTS: pytest -k,
 #   default "decode"; carry .whl)
 set -u
-OUT=${1:?usage: device_wgmma_x.sh OUTDIR [KEY OFF]}
+OUT=${1:?usage: device_wgmma_x.sh OUTDIR [KEY OFF [TESTS]]}
 KEY=${2:-ZP}; OFF=${3:-0}; TESTS=${4:-decode}
 source "$(dirname "$0")/device_env.sh"
 timeout 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rf --tb=short \

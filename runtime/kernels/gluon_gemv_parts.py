@@ -1,6 +1,7 @@
 """The building blocks of the Gluon int4 GEMV (int_gemv_gluon.py, whose docstring explains the
 layouts and the K order): the linear layouts of the packed words, x and the mma, the unpacking of
-a word pair into the A operand (``_pair``), one 128-wide sub-tile's mma (``_sub_dot``), x's
+a word pair into the A operand (``_pair``; a whole sub-tile's ``q - z``: ``_q_tile``, also used by
+int_gemm_gluon's FS configs), one 128-wide sub-tile's mma (``_sub_dot``), x's
 pointers, as bf16/fp16 values or (``_x_ptrs(.., WORDS=True)`` / ``_x_unpack``) as 32-bit words,
 and the shared-memory ring that holds x's sub-tiles for the XS configs (``_xring_alloc`` /
 ``_xring_read``).
@@ -110,6 +111,27 @@ if HAVE_GLUON:
                                  _x_layout(BLOCK_M, gl.num_warps()))
 
     @gluon.jit
+    def _v2_tile(l0, h0, l1, h1, l2, h2, l3, h3, BLOCK_N: gl.constexpr):
+        """The four code-pair halves of words ``[BN, 16]`` (``_pair`` at bits 0, 4, 8, 12) as
+        ``[BN, 4, 4, 8]`` in the logical K order of the module docstring (v2)."""
+        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
+                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
+        return gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
+
+    @gluon.jit
+    def _q_tile(w, z, DT: gl.constexpr, BLOCK_N: gl.constexpr):
+        """``q - z`` of words ``[BN, 16]`` as DT, exactly (codes at bit 0 under the exponent of
+        128 / 1024, ``_asm``), in the v2 order (``_v2_tile``)."""
+        BF16: gl.constexpr = DT == gl.bfloat16
+        ASM: gl.constexpr = _asm(BF16, False, True)
+        Z2 = gl.expand_dims(((0x4300 if BF16 else 0x6400) + z) * 0x10001, 1)   # 128 + z, twice
+        l0, h0 = _pair(w, 0, Z2, 0, DT, ASM)
+        l1, h1 = _pair(w, 4, Z2, 0, DT, ASM)
+        l2, h2 = _pair(w, 8, Z2, 0, DT, ASM)
+        l3, h3 = _pair(w, 12, Z2, 0, DT, ASM)
+        return _v2_tile(l0, h0, l1, h1, l2, h2, l3, h3, BLOCK_N)
+
+    @gluon.jit
     def _sub_dot(w, z, xv, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, zero,
                  CH: gl.constexpr = 1):
         """One 128-wide K sub-tile: unpack the words ``w [BN, 16]`` in registers into the A
@@ -117,20 +139,10 @@ if HAVE_GLUON:
         x ``[16, BM, 8]`` alike into the B operand, one mma (unscaled); with CH = 2 two
         independent mmas over the K halves, added (accumulator chains half as long)."""
         DT: gl.constexpr = xv.dtype
-        BF16: gl.constexpr = DT == gl.bfloat16
-        P: gl.constexpr = 0
-        ASM: gl.constexpr = _asm(BF16, False, True)
         MMA: gl.constexpr = _mma_layout(gl.num_warps(), BLOCK_M)
         LA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
         LB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
-        Z2 = gl.expand_dims(((0x4300 if BF16 else 0x6400) + z) * 0x10001, 1)   # 128 + z, twice
-        l0, h0 = _pair(w, 0, Z2, P, DT, ASM)
-        l1, h1 = _pair(w, 4, Z2, P, DT, ASM)
-        l2, h2 = _pair(w, 8, Z2, P, DT, ASM)
-        l3, h3 = _pair(w, 12, Z2, P, DT, ASM)
-        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
-                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
-        t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))
+        t = _q_tile(w, z, DT, BLOCK_N)
         a = gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK]), LA)             # no data moves
         xv = gl.reshape(xv, [4, 4, BLOCK_M, 2, 2, 2])                          # a b m h jh jl
         xv = gl.permute(xv, (1, 0, 4, 5, 3, 2))                                # b a jh jl h m

@@ -72,7 +72,7 @@ def v3_relabel(t):
 
 
 if HAVE_GLUON:
-    from runtime.kernels.gluon_gemv_parts import _pair
+    from runtime.kernels.gluon_gemv_parts import _q_tile, _v2_tile
 
     @gluon.jit
     def _pair_s(w, SH: gl.constexpr, Z2, S2, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr):
@@ -88,14 +88,9 @@ if HAVE_GLUON:
     def _a_tile(w, z, s, P: gl.constexpr, DT: gl.constexpr, ASM: gl.constexpr, ONE: gl.constexpr,
                 BLOCK_N: gl.constexpr, LA: gl.constexpr, FS: gl.constexpr = False):
         """Words ``[BN, 16]`` -> the scaled weights ``[BN, 128]`` as wgmma's register A operand
-        (FS: ``q - z`` unscaled, codes at bit 0 under the exponent of 128 / 1024, as the GEMV
-        builds them; ``s`` unused)."""
+        (FS: ``q - z`` unscaled, as the GEMV builds it, ``_q_tile``; ``s`` and ``ASM`` unused)."""
         if FS:
-            Z2 = gl.expand_dims(((0x4300 if DT == gl.bfloat16 else 0x6400) + z) * 0x10001, 1)
-            l0, h0 = _pair(w, 0, Z2, 0, DT, ASM)
-            l1, h1 = _pair(w, 4, Z2, 0, DT, ASM)
-            l2, h2 = _pair(w, 8, Z2, 0, DT, ASM)
-            l3, h3 = _pair(w, 12, Z2, 0, DT, ASM)
+            t = _q_tile(w, z, DT, BLOCK_N)                                      # v2 order
         else:
             Z2 = gl.expand_dims((ONE + (z << P)) * 0x10001, 1)
             s16 = (s.to(gl.float32) * 16.0).to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -104,9 +99,7 @@ if HAVE_GLUON:
             l1, h1 = _pair_s(w, 4, Z2, S2, P, DT, ASM)
             l2, h2 = _pair_s(w, 8, Z2, S2, P, DT, ASM)
             l3, h3 = _pair_s(w, 12, Z2, S2, P, DT, ASM)
-        t = gl.join(gl.join(gl.join(l0, l2), gl.join(l1, l3)),
-                    gl.join(gl.join(h0, h2), gl.join(h1, h3)))                 # [BN,16,jh,jl,h]
-        t = gl.permute(gl.reshape(t, [BLOCK_N, 4, 4, 8]), (0, 2, 1, 3))       # v2 order
+            t = _v2_tile(l0, h0, l1, h1, l2, h2, l3, h3, BLOCK_N)               # v2 order
         t = gl.reshape(t, [BLOCK_N, 2, 2, 2, 2, 2, 2, 2])                       # k64 .. k1
         t = gl.permute(t, (0, 1, 2, 5, 6, 3, 4, 7))                            # v3 order
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK_C]), LA)          # registers renamed
@@ -128,7 +121,7 @@ if HAVE_GLUON:
         BF16: gl.constexpr = DT == gl.bfloat16
         P: gl.constexpr = 3 if BF16 else 6
         ONE: gl.constexpr = 0x3F80 if BF16 else 0x3C00
-        ASM: gl.constexpr = V._asm(BF16, not FS, FS)
+        ASM: gl.constexpr = V._asm(BF16, True)
         LW: gl.constexpr = V._word_layout(BLOCK_N, NW)
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                       instr_shape=[16, BLOCK_M, 16])
