@@ -131,19 +131,17 @@ def gemm_report(dump) -> bool:
         for dt in ("bf16", "fp16"):
             name = (f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}"
                     f"_zp{c.get('ZP', 0)}_nw{c['num_warps']}"
-                    + ("_fs" if c.get("FS") else "") + ("_xp" if c.get("XP") else "") + f"_{dt}")
+                    + ("_fs" if c.get("FS") else "") + f"_{dt}")
             try:
-                consts = {"ZP": 0, "FS": False, "XP": False, **c}
-                row = report(name, compile_gluon(W._int4_gemm_wgmma, consts, dt), dump)
+                row = report(name, compile_gluon(W._int4_gemm_wgmma,
+                                                 {"ZP": 0, "FS": False, **c}, dt), dump)
             except Exception as e:                   # report and go on
                 print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
                 ok = False
                 continue
             sts = 1 if c["SPLIT_K"] > 1 else 0            # the fixup's atomic, broadcast
-            stores_ok = (c.get("XP")                      # XP: x stored from registers
-                         or (row["st.shared"] == sts and row.get("STS", 0) == sts))
-            good = (row["wgmma"] > 0 and stores_ok and row.get("LDGSTS<16B", 0) == 0
-                    and not row.get("LOCAL"))
+            good = (row["wgmma"] > 0 and row["st.shared"] == sts and row.get("STS", 0) == sts
+                    and row.get("LDGSTS<16B", 0) == 0 and not row.get("LOCAL"))
             print(f"{name}: shared {row['shared']} REG {row.get('REG')} wgmma {row['wgmma']} "
                   f"st.shared {row['st.shared']} ld.shared {row['ld.shared']} "
                   f"convert_layout {row['convert_layout']} cp.async<16B {row.get('LDGSTS<16B')} "

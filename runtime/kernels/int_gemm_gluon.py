@@ -105,13 +105,6 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(t, [BLOCK_N, SUBK_C]), LA)          # registers renamed
 
     @gluon.jit
-    def _xperm(xv, BLOCK_M: gl.constexpr):
-        """x ``[BM, 128]`` in its natural K order -> the kernel's order (``order()``, a
-        permutation of the bits of k: ``permute_x`` done in registers)."""
-        t = gl.permute(gl.reshape(xv, [BLOCK_M, 2, 2, 2, 2, 2, 2, 2]), (0, 3, 4, 6, 7, 1, 2, 5))
-        return gl.reshape(t, [BLOCK_M, SUBK_C])
-
-    @gluon.jit
     def _zs(z_ptr, s_ptr, zs_off, s_off, k0, i, GROUP: gl.constexpr):
         """The zeros (int32) and scales of sub-tile ``i`` of the program's slice."""
         gi = (k0 + i * SUBK_C) // GROUP
@@ -122,7 +115,7 @@ if HAVE_GLUON:
                          stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ST: gl.constexpr,
                          SPLIT_K: gl.constexpr, FIXUP: gl.constexpr, ZP: gl.constexpr,
-                         FS: gl.constexpr, XP: gl.constexpr):
+                         FS: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -162,11 +155,8 @@ if HAVE_GLUON:
         for j in gl.static_range(D):
             kj = (j % nsub) * SUBK_C
             cp.async_copy_global_to_shared(wring.index(j), w_base + kj // 8)
-            if not XP:
-                cp.async_copy_global_to_shared(xring.index(j), x_base + kj)
+            cp.async_copy_global_to_shared(xring.index(j), x_base + kj)
             cp.commit_group()
-        if XP:                                         # x in its natural order: sub-tile 0
-            xring.index(0).store(_xperm(gl.load(x_base), BLOCK_M))
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         if ZP > 0:                                     # sub-tiles 0 .. ZP - 1, carried
             z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 0, GROUP)
@@ -178,10 +168,7 @@ if HAVE_GLUON:
             else:
                 kc = ((i + D) % nsub) * SUBK_C              # wraps at the end: unused
             cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
-            if XP:                                     # the next sub-tile's x, stored below
-                xn = gl.load(x_base + gl.minimum(i + 1, nsub - 1) * SUBK_C)
-            else:
-                cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
+            cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
             cp.commit_group()
             if ZP == 0:                                # loaded at use: one latency a sub-tile
                 z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, i, GROUP)
@@ -196,8 +183,6 @@ if HAVE_GLUON:
                                      is_async=True)
                 part = warpgroup_mma_wait(0, deps=[part])
                 acc += part * gl.expand_dims(s.to(gl.float32), 1)
-                if XP:                                 # (slot (i + 1) % ST: read at i + 1 - ST)
-                    xring.index((i + 1) % ST).store(_xperm(xn, BLOCK_M))
             else:
                 acc = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])
@@ -218,14 +203,11 @@ if HAVE_GLUON:
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False, xp=False):
+def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False):
     """A config; ``zp``: the zeros and scales loaded that many sub-tiles ahead (0: at use);
-    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``);
-    ``xp`` (with ``fs``): x read in its natural order and put into the kernel's K order in
-    registers, one sub-tile ahead, instead of a copy per call (``permute_x``)."""
+    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``)."""
     c = {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "SPLIT_K": sk, "num_warps": nw}
-    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {}),
-            **({"XP": True} if xp else {})}
+    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {})}
 
 
 # One warpgroup (4 warps) per 64 rows of W. Each CTA reads all of its x rows from L2 for only
@@ -267,9 +249,7 @@ DECODE_X = (DECODE_OLD + [{**c, "ZP": zp} for zp in (1, 2) for c in DECODE_OLD]
                    (64, 8, 4, 4, 1), (64, 8, 8, 4, 1), (64, 8, 4, 4, 2), (128, 8, 4, 4, 1),
                    (128, 8, 4, 4, 2), (256, 16, 4, 8, 1), (256, 16, 4, 8, 2), (128, 16, 8, 4, 1),
                    (128, 16, 2, 4, 1), (128, 16, 3, 4, 1), (128, 16, 2, 8, 1), (128, 16, 3, 8, 1),
-                   (64, 16, 2, 4, 2), (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))]
-            + [{**c, "XP": True} for c in DECODE]
-            + [cfg(128, 16, st=2, nw=8, zp=1, fs=True, xp=True)])
+                   (64, 16, 2, 4, 2), (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))])
 
 
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
@@ -277,8 +257,7 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
     return (V.format_fits(spec, K) and c["num_warps"] in (4, 8, 16) and c["ST"] >= 2
             and K % (SUBK * c["SPLIT_K"]) == 0
             and c["BLOCK_N"] % (16 * c["num_warps"]) == 0
-            and c["BLOCK_M"] in (8, 16, 32, 64, 128, 256) and c["BLOCK_M"] >= 2 * c["num_warps"]
-            and (c.get("FS", False) or not c.get("XP")))
+            and c["BLOCK_M"] in (8, 16, 32, 64, 128, 256) and c["BLOCK_M"] >= 2 * c["num_warps"])
 
 
 @functools.cache
@@ -300,7 +279,7 @@ def launch(x, t, spec, N, K, c, out=None):
     from runtime.kernels.splitk import fused_counters, partials, sum_partials
     from runtime.kernels.common import prepare_gluon
     M, g, out = prepare_gluon(x, t, spec, N, K, c, out, valid, HAVE_GLUON)
-    xp = x.contiguous() if c.get("XP") else permute_x(x.contiguous())
+    xp = permute_x(x.contiguous())
     sk = c["SPLIT_K"]
     dst = partials(out, sk)                            # float32 [sk, M, N] when K is split
     tiles = triton.cdiv(N, c["BLOCK_N"]) * triton.cdiv(M, c["BLOCK_M"])
@@ -309,7 +288,7 @@ def launch(x, t, spec, N, K, c, out=None):
         xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst, out,
         dst if cnt is None else cnt, M, N, K, K // g, xp.stride(0), dst.stride(-2), out.stride(0),
         K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"], SPLIT_K=sk,
-        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False), XP=c.get("XP", False),
+        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False),
         num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order
