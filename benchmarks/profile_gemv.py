@@ -1,7 +1,7 @@
 """One decode GEMV launch to put under a profiler (Nsight Compute), after a warm-up.
 
     ncu --kernel-name regex:_int_gemv --launch-skip 3 --launch-count 1 --section WarpStateStats \
-        python3 benchmarks/profile_gemv.py --shape 28672x8192 --m 16 [--simt]
+        python3 benchmarks/profile_gemv.py --shape 28672x8192 --m 16 [--simt | --gluon I | --wgmma I]
 
 Random int4 g128 weights (uint8 zero points); the tensor-core config the tuner offers first
 (BLOCK_N 64, BLOCK_K 256), or with ``--simt`` the first CUDA-core config of the M bucket, forced
@@ -30,6 +30,9 @@ def main() -> int:
     ap.add_argument("--simt", action="store_true")
     ap.add_argument("--gluon", type=int, metavar="I",
                     help="profile config I of int_gemv_gluon.CONFIGS instead (kernel _int4_gemv_gluon)")
+    ap.add_argument("--wgmma", type=int, metavar="I",
+                    help="profile int_gemm_gluon's decode config I of DECODE + DECODE_X instead "
+                         "(kernel _int4_gemm_wgmma, launched directly)")
     ap.add_argument("--launches", type=int, default=5)
     args = ap.parse_args()
     N, K = map(int, args.shape.split("x"))
@@ -37,6 +40,15 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     t = R.random_quantized(spec, N, K, device="cuda", generator=g)
     x = torch.randn(args.m, K, device="cuda", generator=g).to(torch.bfloat16)
+    if args.wgmma is not None:
+        from runtime.kernels import int_gemm_gluon as W
+        c = (W.DECODE + W.DECODE_X)[args.wgmma]
+        for _ in range(args.launches):
+            y = W.launch(x, t, spec, N, K, c)
+        torch.cuda.synchronize()
+        ref = x.float() @ R.dequant(t, spec, N, K, torch.float32).T
+        print(c, "rel err", float((y.float() - ref).norm() / ref.norm()))
+        return 0
     cands = int_gemv.candidates(m_bucket(args.m), 4)
     if args.gluon is not None:
         from runtime.kernels import int_gemv_gluon as G
