@@ -131,11 +131,10 @@ def gemm_report(dump) -> bool:
         for dt in ("bf16", "fp16"):
             name = (f"gemm_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}"
                     f"_zp{c.get('ZP', 0)}_nw{c['num_warps']}"
-                    + ("_fs" if c.get("FS") else "") + (f"_wr{c['WR']}" if c.get("WR") else "")
-                    + f"_{dt}")
+                    + ("_fs" if c.get("FS") else "") + f"_{dt}")
             try:
                 row = report(name, compile_gluon(W._int4_gemm_wgmma,
-                                                 {"ZP": 0, "FS": False, "WR": 0, **c}, dt), dump)
+                                                 {"ZP": 0, "FS": False, **c}, dt), dump)
             except Exception as e:                   # report and go on
                 print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
                 ok = False

@@ -145,16 +145,6 @@ def test_int_gemv_offers_the_decode_configs_only_where_asked():
     assert not V.wgmma_on(torch.zeros(2, 2, dtype=torch.bfloat16))
 
 
-def test_words_in_registers_rules():
-    """WR (words in registers) needs FS and its zeros/scales as far ahead."""
-    wr = W.cfg(64, 16, sk=4, zp=2, fs=True, wr=2)
-    assert W.valid(wr, 16, 4096, 8192, SPEC)
-    assert not W.valid({**wr, "ZP": 1}, 16, 4096, 8192, SPEC)
-    assert not W.valid({**wr, "FS": False}, 16, 4096, 8192, SPEC)
-    assert not W.valid({**wr, "WR": 4, "ZP": 4}, 16, 4096, 8192, SPEC)
-    assert any(c.get("WR") for c in W.DECODE_X) and not any(c.get("WR") for c in W.DECODE)
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not (W.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
 @pytest.mark.parametrize("c", W.DECODE, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -186,9 +176,8 @@ def test_decode_x_configs(c, K):
     ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
     y = W.launch(x, t, SPEC, N, K, c)
     assert y.shape == (M, N) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
-    if c.get("ZP"):                                    # the same bits as loaded at use (and,
-        base = {k: v for k, v in c.items() if k != "WR"}   # WR: through the ring)
-        assert torch.equal(y, W.launch(x, t, SPEC, N, K, {**base, "ZP": 0}))
+    if c.get("ZP"):                                    # the same bits as loaded at use
+        assert torch.equal(y, W.launch(x, t, SPEC, N, K, {**c, "ZP": 0}))
 
 
 @pytest.mark.cuda

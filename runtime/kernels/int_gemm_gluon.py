@@ -115,7 +115,7 @@ if HAVE_GLUON:
                          stride_xm, stride_om, stride_fin, stride_qw, GROUP: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, ST: gl.constexpr,
                          SPLIT_K: gl.constexpr, FIXUP: gl.constexpr, ZP: gl.constexpr,
-                         FS: gl.constexpr, WR: gl.constexpr = 0):
+                         FS: gl.constexpr):
         NW: gl.constexpr = gl.num_warps()
         DT: gl.constexpr = x_ptr.dtype.element_ty
         BF16: gl.constexpr = DT == gl.bfloat16
@@ -148,58 +148,39 @@ if HAVE_GLUON:
         xm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LXC))
         xk = gl.arange(0, SUBK_C, layout=gl.SliceLayout(0, LXC))
         x_base = x_ptr + k0 + gl.expand_dims((xm % M) * stride_xm, 1) + gl.expand_dims(xk, 0)
-        if WR == 0:                                    # (WR: the words in registers instead)
-            wring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],
-                                              gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        wring = gl.allocate_shared_memory(gl.int32, [ST, BLOCK_N, 16],
+                                          gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         xring = gl.allocate_shared_memory(DT, [ST, BLOCK_M, SUBK_C], SX)
         D: gl.constexpr = ST - 1
         for j in gl.static_range(D):
             kj = (j % nsub) * SUBK_C
-            if WR == 0:
-                cp.async_copy_global_to_shared(wring.index(j), w_base + kj // 8)
+            cp.async_copy_global_to_shared(wring.index(j), w_base + kj // 8)
             cp.async_copy_global_to_shared(xring.index(j), x_base + kj)
             cp.commit_group()
-        if WR > 0:                                     # sub-tiles 0 .. WR - 1, carried
-            wc = gl.load(w_base)
-        if WR > 1:
-            w1 = gl.load(w_base + gl.minimum(1, nsub - 1) * (SUBK_C // 8))
-        if WR > 2:
-            w2 = gl.load(w_base + gl.minimum(2, nsub - 1) * (SUBK_C // 8))
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         if ZP > 0:                                     # sub-tiles 0 .. ZP - 1, carried
             z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 0, GROUP)
         if ZP > 1:
             z1, s1 = _zs(z_ptr, s_ptr, zs_off, s_off, k0, 1 % nsub, GROUP)
-        if ZP > 2:
-            z2, s2 = _zs(z_ptr, s_ptr, zs_off, s_off, k0, gl.minimum(2, nsub - 1), GROUP)
         for i in range(nsub):
             if FS:                                     # past the end: the last again, unused
                 kc = gl.minimum(i + D, nsub - 1) * SUBK_C
             else:
                 kc = ((i + D) % nsub) * SUBK_C              # wraps at the end: unused
-            if WR == 0:
-                cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
+            cp.async_copy_global_to_shared(wring.index((i + D) % ST), w_base + kc // 8)
             cp.async_copy_global_to_shared(xring.index((i + D) % ST), x_base + kc)
             cp.commit_group()
             if ZP == 0:                                # loaded at use: one latency a sub-tile
                 z, s = _zs(z_ptr, s_ptr, zs_off, s_off, k0, i, GROUP)
-            elif WR == 0:                              # ZP sub-tiles ahead (wraps: unused)
+            else:                                      # ZP sub-tiles ahead (wraps: unused)
                 zn, sn = _zs(z_ptr, s_ptr, zs_off, s_off, k0,
                              gl.minimum(i + ZP, nsub - 1) if FS else (i + ZP) % nsub, GROUP)
             cp.wait_group(D)
-            if WR == 0:
-                w = wring.index(i % ST).load(LW)
-            else:
-                w = wc
-            a = _a_tile(w, z, s, P, DT, ASM, ONE, BLOCK_N, LA, FS)
+            a = _a_tile(wring.index(i % ST).load(LW), z, s, P, DT, ASM, ONE, BLOCK_N, LA, FS)
             fence_async_shared()
             if FS:                                     # this sub-tile alone, scaled in float32
                 part = warpgroup_mma(a, xring.index(i % ST).permute((1, 0)), acc, use_acc=False,
                                      is_async=True)
-                if WR > 0:                             # WR / ZP sub-tiles ahead, clamped: unused
-                    wn = gl.load(w_base + gl.minimum(i + WR, nsub - 1) * (SUBK_C // 8))
-                    zn, sn = _zs(z_ptr, s_ptr, zs_off, s_off, k0, gl.minimum(i + ZP, nsub - 1),
-                                 GROUP)
                 part = warpgroup_mma_wait(0, deps=[part])
                 acc += part * gl.expand_dims(s.to(gl.float32), 1)
             else:
@@ -209,14 +190,6 @@ if HAVE_GLUON:
                 z, s = zn, sn
             elif ZP == 2:
                 z, s, z1, s1 = z1, s1, zn, sn
-            elif ZP == 3:
-                z, s, z1, s1, z2, s2 = z1, s1, z2, s2, zn, sn
-            if WR == 1:
-                wc = wn
-            elif WR == 2:
-                wc, w1 = w1, wn
-            elif WR == 3:
-                wc, w1, w2 = w1, w2, wn
         cp.wait_group(0)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
@@ -230,15 +203,11 @@ if HAVE_GLUON:
             gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False, wr=0, rg=0):
+def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False):
     """A config; ``zp``: the zeros and scales loaded that many sub-tiles ahead (0: at use);
-    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``);
-    ``wr``: the packed words loaded into registers that many sub-tiles ahead (0: through the
-    shared-memory ring with x); ``rg``: ptxas' register cap (``maxnreg``:
-    more programs an SM)."""
+    ``fs``: each sub-tile's product scaled in float32 (the A operand unscaled, ``q - z``)."""
     c = {"BLOCK_N": bn, "BLOCK_M": bm, "ST": st, "SPLIT_K": sk, "num_warps": nw}
-    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {}),
-            **({"WR": wr} if wr else {}), **({"RG": rg} if rg else {})}
+    return {**c, **({"ZP": zp} if zp else {}), **({"FS": True} if fs else {})}
 
 
 # One warpgroup (4 warps) per 64 rows of W. Each CTA reads all of its x rows from L2 for only
@@ -280,12 +249,7 @@ DECODE_X = (DECODE_OLD + [{**c, "ZP": zp} for zp in (1, 2) for c in DECODE_OLD]
                    (64, 8, 4, 4, 1), (64, 8, 8, 4, 1), (64, 8, 4, 4, 2), (128, 8, 4, 4, 1),
                    (128, 8, 4, 4, 2), (256, 16, 4, 8, 1), (256, 16, 4, 8, 2), (128, 16, 8, 4, 1),
                    (128, 16, 2, 4, 1), (128, 16, 3, 4, 1), (128, 16, 2, 8, 1), (128, 16, 3, 8, 1),
-                   (64, 16, 2, 4, 2), (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))]
-            + [cfg(bn, 16, st=st, nw=nw, sk=sk, zp=wr, fs=True, wr=wr)         # words in registers
-               for wr in (1, 2, 3) for bn, st, nw, sk in ((64, 2, 4, 1), (64, 3, 4, 1), (64, 3, 4, 2),
-                                                       (64, 3, 4, 4), (128, 3, 8, 1))]
-            + [cfg(64, 16, st=st, sk=sk, zp=1, fs=True, rg=rg)                 # register caps
-               for rg in (72, 64, 56) for st, sk in ((2, 2), (3, 2), (2, 4), (2, 8), (3, 8))])
+                   (64, 16, 2, 4, 2), (64, 8, 2, 4, 1), (64, 8, 3, 4, 1), (64, 8, 3, 4, 2))])
 
 
 def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
@@ -293,9 +257,7 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
     return (V.format_fits(spec, K) and c["num_warps"] in (4, 8, 16) and c["ST"] >= 2
             and K % (SUBK * c["SPLIT_K"]) == 0
             and c["BLOCK_N"] % (16 * c["num_warps"]) == 0
-            and c["BLOCK_M"] in (8, 16, 32, 64, 128, 256) and c["BLOCK_M"] >= 2 * c["num_warps"]
-            and c.get("WR", 0) in (0, 1, 2, 3)
-            and (not c.get("WR") or (c.get("FS") and c.get("ZP") == c["WR"])))
+            and c["BLOCK_M"] in (8, 16, 32, 64, 128, 256) and c["BLOCK_M"] >= 2 * c["num_warps"])
 
 
 @functools.cache
@@ -325,10 +287,9 @@ def launch(x, t, spec, N, K, c, out=None):
     _int4_gemm_wgmma[(tiles, sk)](
         xp, t["qweight"].view(torch.int32), t["scales"], t["zeros"], dst, out,
         dst if cnt is None else cnt, M, N, K, K // g, xp.stride(0), dst.stride(-2), out.stride(0),
-        K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"],
-        ST=c["ST"], SPLIT_K=sk,
-        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False), WR=c.get("WR", 0),
-        num_warps=c["num_warps"], **({"maxnreg": c["RG"]} if c.get("RG") else {}))
+        K // 8, GROUP=g, BLOCK_N=c["BLOCK_N"], BLOCK_M=c["BLOCK_M"], ST=c["ST"], SPLIT_K=sk,
+        FIXUP=cnt is not None, ZP=c.get("ZP", 0), FS=c.get("FS", False),
+        num_warps=c["num_warps"])
     if cnt is None:
         sum_partials(dst, out)                         # partials added in a fixed order
     return out
