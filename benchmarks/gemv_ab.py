@@ -8,6 +8,7 @@ measured against its own baseline in the same run.
         [--m 4,8,16] [--configs 3,5,7] [--out F.json]
     python3 benchmarks/gemv_ab.py --vary XS=False --configs 49,50     # one flag, same file
     python3 benchmarks/gemv_ab.py --wgmma --vary ZP=0 --configs 8,9     # the wgmma kernel's
+    python3 benchmarks/gemv_ab.py --tma --m 16          # the TMA warp-specialized one's CONFIGS
 
 ``--configs``: indices into this file's ``CONFIGS + EXTRA`` (``--wgmma``: into
 ``int_gemm_gluon``'s ``DECODE + DECODE_X``, the wgmma kernel as a GEMV, with the time of its
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import bench, copies_for, hbm_bandwidth  # noqa: E402
 from runtime.kernels import int_gemm_gluon as WG  # noqa: E402
 from runtime.kernels import int_gemv_gluon as GV  # noqa: E402
+from runtime.kernels import int_gemv_tma as TM  # noqa: E402
 from runtime.kernels.common import packed_bytes  # noqa: E402
 from runtime.quant import intq  # noqa: E402
 from runtime.quant.spec import QuantSpec  # noqa: E402
@@ -52,11 +54,13 @@ def load_old(path: str):
 
 def configs(mod) -> list[dict]:
     """The indexable config list of the GEMV module or (``WG``) of the wgmma kernel's decode."""
+    if mod is TM:
+        return mod.CONFIGS
     return mod.DECODE + mod.DECODE_X if mod is WG else mod.CONFIGS + mod.EXTRA
 
 
 def main(args) -> int:
-    NEW = WG if args.wgmma else GV
+    NEW = TM if args.tma else WG if args.wgmma else GV
     old = load_old(args.old) if args.old else NEW
     vary = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in args.vary.split(","))} \
         if args.vary else {}
@@ -75,12 +79,13 @@ def main(args) -> int:
             x = torch.randn(M, K, device="cuda").bfloat16()
             ref = x.float() @ ref_w.T
             out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-            if args.wgmma:
+            if args.wgmma or args.tma:
                 us = bench(lambda: WG.permute_x(x)) * 1e3
                 print(f"{N}x{K} M{M}: x into the wgmma K order alone {us:.1f} us", flush=True)
             for i in idx:
                 c = new_cfgs[i]
-                if not NEW.valid(c, M, N, K, SPEC) or (args.wgmma and c["BLOCK_M"] < M):
+                if not NEW.valid(c, M, N, K, SPEC) or ((args.wgmma or args.tma)
+                                                       and c["BLOCK_M"] < M):
                     continue
                 oc = {**c, **vary}
                 both = (old.valid(oc, M, N, K, SPEC) if vary else
@@ -129,5 +134,7 @@ if __name__ == "__main__":
     ap.add_argument("--configs", help="comma-separated indices into CONFIGS + EXTRA (default: all)")
     ap.add_argument("--wgmma", action="store_true",
                     help="time int_gemm_gluon's decode configs (DECODE + DECODE_X) instead")
+    ap.add_argument("--tma", action="store_true",
+                    help="time int_gemv_tma's CONFIGS (TMA ring, warp-specialized) instead")
     ap.add_argument("--out")
     sys.exit(main(ap.parse_args()))

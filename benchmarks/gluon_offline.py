@@ -1,8 +1,9 @@
 """Compile the Gluon int4 GEMV prototype (runtime/kernels/int_gemv_gluon.py) offline for sm_90 and
 report what its compiled code does with shared memory: no GPU (and no torch) needed. With
-``--gemm``: the wgmma prefill prototype (runtime/kernels/int_gemm_gluon.py) instead.
+``--gemm``: the wgmma prefill prototype (runtime/kernels/int_gemm_gluon.py) instead; with
+``--tma``: the TMA-ring decode GEMV (runtime/kernels/int_gemv_tma.py).
 
-    /tmp/t36/bin/python benchmarks/gluon_offline.py [--torch-site DIR] [--dump DIR] [--gemm]
+    /tmp/t36/bin/python benchmarks/gluon_offline.py [--torch-site DIR] [--dump DIR] [--gemm | --tma]
 
 (/tmp/t36: a venv with triton 3.6, the device's version.) For each config: ``shared`` bytes
 (metadata), registers and SHARED from ``cuobjdump --dump-resource-usage``, PTX counts of
@@ -187,6 +188,49 @@ def streamk_report(dump) -> bool:
     return ok
 
 
+TMA_ARGS = ["x_desc", "w_desc", "s_ptr", "z_ptr", "out_ptr", "fin_ptr", "cnt_ptr", "M", "N", "K",
+            "G", "stride_om", "stride_fin"]
+
+
+def tma_report(dump) -> bool:
+    """The TMA-ring decode GEMV (int_gemv_tma.py, warp-specialized): every config compiles with
+    no spills, its loop issues TMA copies (UTMALDG) and holds no CTA-wide barrier (the consumer
+    warpgroup's named barriers, ``BAR.SYNC 0x0, 0x80``, are its own)."""
+    from runtime.kernels import int_gemv_tma as T
+    from triton.experimental.gluon._runtime import GluonASTSource
+    ok = True
+    for c in T.CONFIGS:
+        for dt in ("bf16", "fp16"):
+            wl, xl = T._layouts(c["BLOCK_N"], c["BLOCK_M"], 16)
+            consts = {"GROUP": 128, "FIXUP": c["SPLIT_K"] > 1,
+                      **{k: v for k, v in c.items() if k not in ("num_warps", "RG")}}
+            sig = {"x_desc": f"tensordesc<{dt}[{c['BLOCK_M']}, 128],{xl!r}>",
+                   "w_desc": f"tensordesc<i32[{c['BLOCK_N']}, 16],{wl!r}>", "s_ptr": "*fp16",
+                   "z_ptr": "*u8", "out_ptr": "*fp32" if consts["FIXUP"] else "*" + dt,
+                   "fin_ptr": "*" + dt, "cnt_ptr": "*i32"}
+            sig.update({a: "i32" for a in TMA_ARGS[7:]})
+            sig.update({k: "constexpr" for k in consts})
+            attrs = {(TMA_ARGS.index(a),): DIV16 for a in ("s_ptr", "z_ptr", "out_ptr", "fin_ptr",
+                                                           "cnt_ptr", "K", "stride_om", "stride_fin")}
+            name = (f"tma_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}"
+                    f"_nw{c['num_warps']}_rg{c['RG']}_{dt}")
+            try:
+                k = triton.compile(GluonASTSource(T._int4_gemv_tma, sig, constexprs=consts, attrs=attrs),
+                                   target=TARGET, options={"num_warps": c["num_warps"], "maxnreg": c["RG"]})
+                row = report(name, k, dump)
+            except Exception as e:                   # report and go on
+                print(f"{name}: FAILED {type(e).__name__}: {str(e)[-1500:]}")
+                ok = False
+                continue
+            _, sass = sass_counts(k.asm["cubin"])
+            tma, cta_bar = sass.count("UTMALDG"), len(re.findall(r"BAR\.SYNC\.DEFER_BLOCKING 0x0 ;", sass))
+            good = tma >= 2 and not row.get("LOCAL")
+            print(f"{name}: REG {row.get('REG')} shared {row['shared']} UTMALDG {tma} "
+                  f"CTA barriers {cta_bar} spilled {row.get('LOCAL')} {'ok' if good else 'FAIL'}")
+            ok &= good
+    return ok
+
+
 def compile_existing(bn, bk, nw, dt, bm=16):
     from runtime.kernels import int_gemv as E
     consts = {"BITS": 4, "GROUP": 128, "MODE": 1, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm,
@@ -201,9 +245,10 @@ def main() -> int:
     ap.add_argument("--torch-site", help="site-packages with torch (for the existing kernel)")
     ap.add_argument("--dump", type=Path, help="write ttgir/ptx/sass per config here")
     ap.add_argument("--gemm", action="store_true", help="only the wgmma prefill prototype")
+    ap.add_argument("--tma", action="store_true", help="only the TMA-ring decode GEMV")
     args = ap.parse_args()
-    if args.gemm:
-        ok = gemm_report(args.dump)
+    if args.gemm or args.tma:
+        ok = gemm_report(args.dump) if args.gemm else tma_report(args.dump)
         print("PASS" if ok else "FAIL: see above")
         return 0 if ok else 1
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}")

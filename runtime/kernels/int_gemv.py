@@ -65,10 +65,11 @@ def _cfg(bn, bk, sk=1, nw=4, ns=1, perm=True, bm=16):
             "num_warps": nw, "num_stages": ns}
 
 
-def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False) -> list[dict]:
+def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False,
+               tma: bool = False) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key; ``dtype``, the
     activations', sizes the CUDA-core ones; ``wgmma`` (``wgmma_on``): int_gemm_gluon's DECODE
-    configs too, for M > 8)."""
+    configs too, for M > 8; ``tma`` (``tma_on``): int_gemv_tma's DECODE configs, for M > 8)."""
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
@@ -76,7 +77,8 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False) -> 
         + (planes_candidates(bits) if M >= 2 and planes_on() else []) \
         + ([{**c, "GLUON": True} for c in _gluon().CONFIGS]
            if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else []) \
-        + ([{**c, "WGMMA": True} for c in _wgmma().DECODE] if wgmma and bits == 4 and M > 8 else [])
+        + ([{**c, "WGMMA": True} for c in _wgmma().DECODE] if wgmma and bits == 4 and M > 8 else []) \
+        + ([{**c, "TMA": True} for c in _tma().DECODE] if tma and bits == 4 and M > 8 else [])
 
 
 def _gluon():
@@ -89,6 +91,20 @@ def _wgmma():
     """The wgmma GEMM's module (int_gemm_gluon.py), imported only when asked for."""
     from runtime.kernels import int_gemm_gluon
     return int_gemm_gluon
+
+
+def _tma():
+    """The TMA-ring decode GEMV's module (int_gemv_tma.py), imported only when asked for."""
+    from runtime.kernels import int_gemv_tma
+    return int_gemv_tma
+
+
+def tma_on(x: torch.Tensor) -> bool:
+    """Whether the tuner is offered the TMA-ring decode GEMV (M = 9-16) for x: sm_90, bf16/fp16,
+    Gluon with TMA, unless ``EXA_GEMV_TMA=0`` (benchmarks/RESULTS.md, "a TMA ring and a
+    producer warp")."""
+    from runtime.kernels.int_gemm import gluon_on as on
+    return on(x, "EXA_GEMV_TMA", "1") and _tma().HAVE_GLUON
 
 
 def wgmma_on(x: torch.Tensor) -> bool:
@@ -112,6 +128,8 @@ def _valid(cfg: dict, M: int, N: int, K: int, bits: int, group: int, spec: Quant
         return spec is not None and not interpreting() and _gluon().valid(cfg, M, N, K, spec)
     if cfg.get("WGMMA"):
         return spec is not None and _wgmma().valid(cfg, M, N, K, spec)
+    if cfg.get("TMA"):
+        return spec is not None and _tma().valid(cfg, M, N, K, spec)
     if cfg.get("SIMT"):
         return simt_valid(cfg, M, K, bits, group)
     if cfg.get("PLANES"):
@@ -129,6 +147,8 @@ def launch(x, t, spec, N, K, cfg, out=None):
         return _gluon().launch(x, t, spec, N, K, cfg, out)
     if cfg.get("WGMMA"):
         return _wgmma().launch(x, t, spec, N, K, cfg, out)
+    if cfg.get("TMA"):
+        return _tma().launch(x, t, spec, N, K, cfg, out)
     M = x.shape[0]
     g = group_of(spec, K)
     mode = mode_of(spec)
@@ -157,14 +177,15 @@ def launch(x, t, spec, N, K, cfg, out=None):
 
 
 def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
-    """``check`` for the tuner: a PLANES, GLUON or WGMMA config (not measured on every GPU) is used only if
+    """``check`` for the tuner: a PLANES, GLUON, WGMMA or TMA config (not measured on every GPU) is used only if
     its output matches the first valid tensor-core config's among ``cands()`` on these inputs
     (relative difference below 3e-2: bf16 rounding of two correct sums is ~5e-3)."""
     def base():
         return next((b for b in cands() if not b.get("PLANES") and not b.get("SIMT")
-                     and not b.get("GLUON") and not b.get("WGMMA")
+                     and not b.get("GLUON") and not b.get("WGMMA") and not b.get("TMA")
                      and _valid(b, mb, N, K, spec.bits, g)), None)
-    return agrees_with(base, lambda c: bool(c.get("PLANES") or c.get("GLUON") or c.get("WGMMA")),
+    return agrees_with(base, lambda c: bool(c.get("PLANES") or c.get("GLUON") or c.get("WGMMA")
+                                            or c.get("TMA")),
                        lambda c: launch(x, t, spec, N, K, c, out))
 
 
@@ -176,7 +197,7 @@ def int_gemv(x: torch.Tensor, t, spec: QuantSpec, N: int, K: int, out=None) -> t
     g = group_of(spec, K)
     mb = m_bucket(M)
     key = (N, K, mb, spec.bits, g, mode_of(spec), x.dtype)
-    cands = lambda: candidates(mb, spec.bits, x.dtype, wgmma_on(x))   # noqa: E731 - on a tuner miss only
+    cands = lambda: candidates(mb, spec.bits, x.dtype, wgmma_on(x), tma_on(x))   # noqa: E731 - on a tuner miss only
     cfg = TUNER.pick(key, cands, lambda c: _valid(c, mb, N, K, spec.bits, g, spec),
                      lambda c: launch(x, t, spec, N, K, c, out), x.is_cuda,
                      check=_agrees_with_tc(x, t, spec, N, K, g, mb, cands, out),

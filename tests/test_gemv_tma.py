@@ -1,0 +1,87 @@
+"""The TMA-ring, warp-specialized decode GEMV (runtime/kernels/int_gemv_tma.py): its config
+rules on any machine; on an sm_90 GPU every config against the reference and bit for bit
+against the cp.async wgmma kernel it reorganises (same products, same order of sums)."""
+import pytest
+import torch
+
+from runtime.kernels import int_gemm_gluon as W
+from runtime.kernels import int_gemv_tma as T
+from runtime.quant import intq
+from runtime.quant.spec import QuantSpec
+
+SPEC = QuantSpec("int", 4, 128, zero_mode="int")
+
+
+def _sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def test_config_rules():
+    c = T.cfg(64, 16, 3, 4, 2)
+    assert T.valid(c, 16, 4096, 8192, SPEC) and T.valid(c, 1, 4096, 8192, SPEC)
+    assert not T.valid(c, 17, 4096, 8192, SPEC)            # one M tile of at most 16 rows
+    assert not T.valid(c, 16, 32, 8192, SPEC)              # N below one row block
+    assert not T.valid({**c, "ST": 1}, 16, 4096, 8192, SPEC)
+    assert not T.valid(c, 16, 4096, 8192 + 128, SPEC)      # K not a multiple of 2 x 128
+    assert all(c["RG"] * 32 * (c["num_warps"] + 4) <= 65536 for c in T.CONFIGS)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (T.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+@pytest.mark.parametrize("c", T.CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("K", [1024, 4096])
+def test_configs(c, K):
+    N, M = 1000, min(13, c["BLOCK_M"])                     # ragged N: TMA fills past-the-end rows
+    g = torch.Generator(device="cuda").manual_seed(K)
+    w = torch.randn(N, K, device="cuda", generator=g) * 0.05
+    w *= torch.rand(1, K // 128, device="cuda", generator=g).repeat_interleave(128, 1) + 0.1
+    t = intq.quantize(w, SPEC)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    y = T.launch(x, t, SPEC, N, K, c)
+    assert y.shape == (M, N) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    assert torch.equal(y, W.launch(x, t, SPEC, N, K, T.ring_twin(c)))
+    assert torch.equal(y, T.launch(x, t, SPEC, N, K, c))  # run to run
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (T.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+def test_unaligned_words_take_the_ring():
+    """Packed words at an address TMA cannot read (not 16-byte aligned, as a view into a
+    streamed buffer may be): the same bits through the cp.async ring."""
+    N, K, M = 256, 1024, 16
+    t = intq.quantize(torch.randn(N, K, device="cuda") * 0.05, SPEC)
+    qw = t["qweight"].view(torch.int32).reshape(-1)
+    buf = torch.empty(qw.numel() + 1, dtype=torch.int32, device="cuda")   # 4 bytes in
+    buf[1:].copy_(qw)
+    moved = {**t, "qweight": buf[1:].view(t["qweight"].dtype).view(t["qweight"].shape)}
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    c = T.DECODE[0]
+    assert moved["qweight"].data_ptr() % 16
+    assert torch.equal(T.launch(x, moved, SPEC, N, K, c), T.launch(x, t, SPEC, N, K, c))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (T.HAVE_GLUON and _sm90()), reason="needs gluon and an sm_90 GPU")
+def test_int_gemv_tunes_with_the_tma_configs(tmp_path, monkeypatch):
+    """int_gemv's tuner at M = 9-16 times the TMA configs (on by default) and its pick, whichever
+    it is, matches the reference; EXA_GEMV_TMA=0 leaves them out."""
+    from runtime.kernels import int_gemv as V
+    x = torch.zeros(16, 64, device="cuda", dtype=torch.bfloat16)
+    assert V.tma_on(x)
+    monkeypatch.setenv("EXA_GEMV_TMA", "0")
+    assert not V.tma_on(x)
+    monkeypatch.delenv("EXA_GEMV_TMA")
+    assert sum(1 for c in V.candidates(16, 4, tma=True) if c.get("TMA")) == len(T.DECODE)
+    assert not any(c.get("TMA") for c in V.candidates(8, 4, tma=True))
+    monkeypatch.setenv("EXA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(V.TUNER, "cache", {})
+    monkeypatch.setattr(V.TUNER, "timings", {})
+    N, K, M = 4096, 4096, 12
+    t = intq.quantize(torch.randn(N, K, device="cuda") * 0.05, SPEC)
+    x = torch.randn(M, K, device="cuda").bfloat16()
+    y = V.int_gemv(x, t, SPEC, N, K)
+    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
+    (timed,) = V.TUNER.timings.values()
+    assert sum(1 for c, _ in timed if c.get("TMA")) == len(T.DECODE)
