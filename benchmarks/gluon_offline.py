@@ -201,8 +201,8 @@ def tma_report(dump) -> bool:
     ok = True
     for c in T.CONFIGS:
         for dt in ("bf16", "fp16"):
-            wl, xl = T._layouts(c["BLOCK_N"], c["BLOCK_M"], 16)
-            consts = {"GROUP": 128, "FIXUP": c["SPLIT_K"] > 1,
+            wl, xl = T._layouts(c["BLOCK_N"], c["BLOCK_M"], 16, bool(c.get("NK")))
+            consts = {"GROUP": 128, "FIXUP": c["SPLIT_K"] > 1, "NK": False,
                       **{k: v for k, v in c.items() if k not in ("num_warps", "RG")}}
             sig = {"x_desc": f"tensordesc<{dt}[{c['BLOCK_M']}, 128],{xl!r}>",
                    "w_desc": f"tensordesc<i32[{c['BLOCK_N']}, 16],{wl!r}>", "s_ptr": "*fp16",
@@ -213,7 +213,7 @@ def tma_report(dump) -> bool:
             attrs = {(TMA_ARGS.index(a),): DIV16 for a in ("s_ptr", "z_ptr", "out_ptr", "fin_ptr",
                                                            "cnt_ptr", "K", "stride_om", "stride_fin")}
             name = (f"tma_bn{c['BLOCK_N']}_bm{c['BLOCK_M']}_st{c['ST']}_sk{c['SPLIT_K']}"
-                    f"_nw{c['num_warps']}_rg{c['RG']}_{dt}")
+                    f"_nw{c['num_warps']}_rg{c['RG']}" + ("_nk" if c.get("NK") else "") + f"_{dt}")
             try:
                 k = triton.compile(GluonASTSource(T._int4_gemv_tma, sig, constexprs=consts, attrs=attrs),
                                    target=TARGET, options={"num_warps": c["num_warps"], "maxnreg": c["RG"]})

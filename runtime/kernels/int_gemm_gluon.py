@@ -267,9 +267,18 @@ def _order_index(device):
 
 
 def permute_x(x):
-    """x [M, K] -> copy with every 128-wide K sub-tile in the kernel's order (``order()``)."""
+    """x [M, K] -> copy with every 128-wide K sub-tile in the kernel's order (``order()``): one
+    Triton gather on the GPU (``k_order.permute_k``), ``permute_x_ref`` elsewhere."""
+    if x.is_cuda:
+        from runtime.kernels.k_order import permute_k
+        return permute_k(x)
+    return permute_x_ref(x)
+
+
+def permute_x_ref(x):
+    """``permute_x`` in torch (index_select): the reference."""
     M, K = x.shape
-    return x.view(M, K // SUBK, SUBK).index_select(2, _order_index(x.device)).reshape(M, K)
+    return x.reshape(M, K // SUBK, SUBK).index_select(2, _order_index(x.device)).reshape(M, K)
 
 
 def launch(x, t, spec, N, K, c, out=None):

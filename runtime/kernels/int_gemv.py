@@ -69,7 +69,8 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False,
                tma: bool = False) -> list[dict]:
     """Default configs (a short list: each is compiled and timed once per key; ``dtype``, the
     activations', sizes the CUDA-core ones; ``wgmma`` (``wgmma_on``): int_gemm_gluon's DECODE
-    configs too, for M > 8; ``tma`` (``tma_on``): int_gemv_tma's DECODE configs, for M > 8)."""
+    configs too, for M > 8; ``tma`` (``tma_on``): int_gemv_tma's DECODE configs for M > 8,
+    DECODE8 for M = 5-8)."""
     return [_cfg(64, 256), _cfg(64, 128), _cfg(32, 256), _cfg(64, 256, nw=8),
             _cfg(64, 256, sk=2), _cfg(64, 256, sk=4), _cfg(32, 256, sk=4), _cfg(64, 256, sk=8),
             _cfg(32, 128, sk=8), _cfg(64, 256, perm=False, sk=2), _cfg(64, 64)] \
@@ -78,7 +79,8 @@ def candidates(M: int, bits: int, dtype=torch.bfloat16, wgmma: bool = False,
         + ([{**c, "GLUON": True} for c in _gluon().CONFIGS]
            if gluon_on() and bits == 4 and dtype in (torch.bfloat16, torch.float16) else []) \
         + ([{**c, "WGMMA": True} for c in _wgmma().DECODE] if wgmma and bits == 4 and M > 8 else []) \
-        + ([{**c, "TMA": True} for c in _tma().DECODE] if tma and bits == 4 and M > 8 else [])
+        + ([{**c, "TMA": True} for c in (_tma().DECODE if M > 8 else _tma().DECODE8)]
+           if tma and bits == 4 and M > 4 else [])
 
 
 def _gluon():
@@ -100,7 +102,7 @@ def _tma():
 
 
 def tma_on(x: torch.Tensor) -> bool:
-    """Whether the tuner is offered the TMA-ring decode GEMV (M = 9-16) for x: sm_90, bf16/fp16,
+    """Whether the tuner is offered the TMA-ring decode GEMV (M = 5-16) for x: sm_90, bf16/fp16,
     Gluon with TMA, unless ``EXA_GEMV_TMA=0`` (benchmarks/RESULTS.md, "a TMA ring and a
     producer warp")."""
     from runtime.kernels.int_gemm import gluon_on as on
