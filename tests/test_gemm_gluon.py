@@ -12,6 +12,7 @@ import torch
 from interp import enable_interpreter
 
 INTERP_OK = (not torch.cuda.is_available()) and enable_interpreter()   # before triton is imported compiled
+from gluon_cases import group_scaled_case  # noqa: E402
 from runtime.kernels import int_gemm_gluon as W  # noqa: E402
 from runtime.quant import intq  # noqa: E402
 from runtime.quant.spec import QuantSpec  # noqa: E402
@@ -185,12 +186,7 @@ def test_decode_x_configs(c, K):
     a split holds fewer sub-tiles than ZP (K 1024 at split 4: 2 sub-tiles), and where the
     zeros/scales of neighbouring sub-tiles differ (each group's scale set apart)."""
     N, M = 1000, min(13, c["BLOCK_M"])
-    g = torch.Generator(device="cuda").manual_seed(K)
-    w = torch.randn(N, K, device="cuda", generator=g) * 0.05
-    w *= torch.rand(1, K // 128, device="cuda", generator=g).repeat_interleave(128, 1) + 0.1
-    t = intq.quantize(w, SPEC)
-    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    t, x, ref = group_scaled_case(N, K, M, SPEC, K)
     y = W.launch(x, t, SPEC, N, K, c)
     assert y.shape == (M, N) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
     if c.get("ZP"):                                    # the same bits as loaded at use

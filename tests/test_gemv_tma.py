@@ -4,6 +4,7 @@ against the cp.async wgmma kernel it reorganises (same products, same order of s
 import pytest
 import torch
 
+from gluon_cases import group_scaled_case
 from runtime.kernels import int_gemm_gluon as W
 from runtime.kernels import int_gemv_tma as T
 from runtime.quant import intq
@@ -32,12 +33,7 @@ def test_config_rules():
 @pytest.mark.parametrize("K", [1024, 4096])
 def test_configs(c, K):
     N, M = 1000, min(13, c["BLOCK_M"])                     # ragged N: TMA fills past-the-end rows
-    g = torch.Generator(device="cuda").manual_seed(K)
-    w = torch.randn(N, K, device="cuda", generator=g) * 0.05
-    w *= torch.rand(1, K // 128, device="cuda", generator=g).repeat_interleave(128, 1) + 0.1
-    t = intq.quantize(w, SPEC)
-    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
-    ref = x.float() @ intq.dequantize(t, SPEC, N, K).T
+    t, x, ref = group_scaled_case(N, K, M, SPEC, K)
     y = T.launch(x, t, SPEC, N, K, c)
     assert y.shape == (M, N) and float((y.float() - ref).norm() / ref.norm()) < 1e-2
     if c.get("NK"):                                    # natural K: the sums run in another order

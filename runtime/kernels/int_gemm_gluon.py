@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 
 from runtime.kernels import int_gemv_gluon as V
-from runtime.kernels.splitk_gluon import finish_tile
+from runtime.kernels.splitk_gluon import write_tile
 
 HAVE_GLUON = V.HAVE_GLUON
 try:                                                   # hopper ops: triton >= 3.5 (written for 3.6)
@@ -193,14 +193,8 @@ if HAVE_GLUON:
         cp.wait_group(0)
         offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        if FIXUP:                                      # the tile's last split adds them up
-            finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid, gl.program_id(1), offs_n, offs_m,
-                        pid_n * BLOCK_N, pid_m * BLOCK_M, M, N, stride_fin, SPLIT_K)
-        else:                                          # the output, or (split K) a partial
-            o_ptrs = (out_ptr + gl.program_id(1) * M * stride_om
-                      + gl.expand_dims(offs_m, 0) * stride_om + gl.expand_dims(offs_n, 1))
-            o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_n, 1) < N)
-            gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        write_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid, gl.program_id(1), offs_n, offs_m,
+                   pid_n * BLOCK_N, pid_m * BLOCK_M, M, N, stride_om, stride_fin, SPLIT_K, FIXUP)
 
 
 def cfg(bn=64, bm=128, st=3, nw=4, sk=1, zp=0, fs=False):

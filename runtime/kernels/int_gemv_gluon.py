@@ -38,7 +38,7 @@ try:                                                   # gluon: triton >= 3.5 (w
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp, mma_v2
-    from runtime.kernels.splitk_gluon import finish_tile
+    from runtime.kernels.splitk_gluon import write_tile
     HAVE_GLUON = True
 except Exception:                                      # pragma: no cover - depends on triton
     gluon = gl = mma_v2 = cp = None
@@ -263,14 +263,8 @@ if HAVE_GLUON:
                           pid_k * nsub * SUBK, nsub, DT, GROUP, BLOCK_N, BLOCK_M, PF, CH, EVICT,
                           XL, FM)
         offs_m = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
-        if FIXUP:                        # split K: the tile's last program adds the partials
-            finish_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m,
-                        pid_n * BLOCK_N, 0, M, N, stride_fin, SPLIT_K)
-        else:                            # the output, or (split K) a partial summed afterwards
-            o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
-                      + gl.expand_dims(offs_nc, 1))
-            o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_nc, 1) < N)
-            gl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        write_tile(acc, out_ptr, cnt_ptr, fin_ptr, pid_n, pid_k, offs_nc, offs_m, pid_n * BLOCK_N,
+                   0, M, N, stride_om, stride_fin, SPLIT_K, FIXUP)
 
 def cfg(bn=64, bk=256, sk=1, nw=4, bm=16, pf=0, st=0, xs=False, ch=1, ev=False, ctas=0,
         xl=False, fm=False):

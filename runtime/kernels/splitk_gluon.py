@@ -47,3 +47,19 @@ if HAVE_GLUON:
                                    cache_modifier=".cg")
                 gl.store(out_ptr + om * stride_om + on, acc.to(out_ptr.dtype.element_ty), mask=m)
             gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+    @gluon.jit
+    def write_tile(res, out_ptr, cnt_ptr, fin_ptr, tile, pid_k, offs_n, offs_m, n0, m0, M, N,
+                   stride_om, stride_fin, SPLIT_K: gl.constexpr, FIXUP: gl.constexpr):
+        """A Gluon kernel's result tile ``res [BN, BM]``: with FIXUP, ``finish_tile`` (``out_ptr``
+        the float32 workspace, ``fin_ptr`` the output); else stored masked into ``out[m, n]`` in
+        out's dtype, at ``pid_k * M * stride_om + m * stride_om + n`` (the output, or with split K
+        partial ``pid_k``, summed afterwards)."""
+        if FIXUP:
+            finish_tile(res, out_ptr, cnt_ptr, fin_ptr, tile, pid_k, offs_n, offs_m, n0, m0, M, N,
+                        stride_fin, SPLIT_K)
+        else:
+            o_ptrs = (out_ptr + pid_k * M * stride_om + gl.expand_dims(offs_m, 0) * stride_om
+                      + gl.expand_dims(offs_n, 1))
+            o_mask = (gl.expand_dims(offs_m, 0) < M) & (gl.expand_dims(offs_n, 1) < N)
+            gl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
