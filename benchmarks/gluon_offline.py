@@ -201,7 +201,7 @@ def tma_report(dump) -> bool:
     ok = True
     for c in T.CONFIGS:
         for dt in ("bf16", "fp16"):
-            wl, xl = T._layouts(c["BLOCK_N"], c["BLOCK_M"], 16, bool(c.get("NK")))
+            wl, xl = T._layouts(bool(c.get("NK")))
             consts = {"GROUP": 128, "FIXUP": c["SPLIT_K"] > 1, "NK": False,
                       **{k: v for k, v in c.items() if k not in ("num_warps", "RG")}}
             sig = {"x_desc": f"tensordesc<{dt}[{c['BLOCK_M']}, 128],{xl!r}>",

@@ -43,6 +43,7 @@ except Exception:                                      # pragma: no cover - depe
 gluon, gl = V.gluon, V.gl
 SUBK = W.SUBK                                          # K per sub-tile (16 packed words a row)
 
+
 @_cfn
 def nat_asm(bf16: bool) -> str:
     """NK's unpacking of one word ``$2`` into the lane's code pair 2l, 2l + 1 (``$3``: the prmt
@@ -218,9 +219,10 @@ def valid(c: dict, M: int, N: int, K: int, spec) -> bool:
 
 
 @functools.cache
-def _layouts(BN: int, BM: int, bits: int, nk: bool = False):
+def _layouts(nk: bool = False):
+    """The shared layouts of the words' and x's TMA tiles (x: 16-bit, 128-byte swizzle)."""
     wl = gl.NVMMASharedLayout(swizzle_byte_width=64 if nk else 0, element_bitwidth=32, rank=2)
-    xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=bits, rank=2)
+    xl = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     return wl, xl
 
 
@@ -238,7 +240,7 @@ def launch(x, t, spec, N, K, c, out=None):
               else x.clone(memory_format=torch.contiguous_format))
     else:
         xp = W.permute_x(x.contiguous())
-    wl, xl = _layouts(c["BLOCK_N"], c["BLOCK_M"], 16, nk)
+    wl, xl = _layouts(nk)
     x_desc = TensorDescriptor.from_tensor(xp, [c["BLOCK_M"], SUBK], xl)
     w_desc = TensorDescriptor.from_tensor(qw.view(N, K // 8),
                                           [c["BLOCK_N"], 16], wl)
