@@ -53,7 +53,8 @@ def load_old(path: str):
 
 
 def configs(mod) -> list[dict]:
-    """The indexable config list of the GEMV module or (``WG``) of the wgmma kernel's decode."""
+    """The indexable config list of the GEMV module, (``WG``) of the wgmma kernel's decode, or
+    (``TM``) of the TMA-ring kernel."""
     if mod is TM:
         return mod.CONFIGS
     return mod.DECODE + mod.DECODE_X if mod is WG else mod.CONFIGS + mod.EXTRA

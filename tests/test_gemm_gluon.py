@@ -44,14 +44,13 @@ def test_k_order_keeps_the_product():
 def test_order_bits_and_the_gather_kernel():
     """k_order's bit map is ``order()``; its Triton gather (interpreted on the CPU) copies x into
     that order exactly, for a strided x and K of several sub-tiles."""
-    import importlib
-    bits = importlib.import_module("runtime.kernels.k_order").BITS if INTERP_OK else None
     if not INTERP_OK:
         pytest.skip("needs the CPU interpreter")
     from interp import load_interpreted
-    o = W.order()
-    assert all(o[k] == sum(1 << bits[b] for b in range(7) if k >> b & 1) for k in range(128))
     K = load_interpreted(("runtime.kernels.k_order",)).k_order
+    bits, o = K.order_bits(), W.order()
+    assert sorted(bits) == list(range(7))
+    assert all(o[k] == sum(1 << bits[b] for b in range(7) if k >> b & 1) for k in range(128))
     x = torch.randn(3, 2 * 384, dtype=torch.float32)[:, :384]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")

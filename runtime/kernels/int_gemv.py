@@ -178,16 +178,17 @@ def launch(x, t, spec, N, K, cfg, out=None):
     return out
 
 
+CHECKED = ("PLANES", "GLUON", "WGMMA", "TMA")    # kernels whose configs must agree first
+
+
 def _agrees_with_tc(x, t, spec, N, K, g, mb, cands, out):
     """``check`` for the tuner: a PLANES, GLUON, WGMMA or TMA config (not measured on every GPU) is used only if
     its output matches the first valid tensor-core config's among ``cands()`` on these inputs
     (relative difference below 3e-2: bf16 rounding of two correct sums is ~5e-3)."""
     def base():
-        return next((b for b in cands() if not b.get("PLANES") and not b.get("SIMT")
-                     and not b.get("GLUON") and not b.get("WGMMA") and not b.get("TMA")
+        return next((b for b in cands() if not any(b.get(k) for k in CHECKED + ("SIMT",))
                      and _valid(b, mb, N, K, spec.bits, g)), None)
-    return agrees_with(base, lambda c: bool(c.get("PLANES") or c.get("GLUON") or c.get("WGMMA")
-                                            or c.get("TMA")),
+    return agrees_with(base, lambda c: any(c.get(k) for k in CHECKED),
                        lambda c: launch(x, t, spec, N, K, c, out))
 
 
